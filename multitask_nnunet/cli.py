@@ -1,0 +1,42 @@
+"""The ``multitask-nnunet`` command: one subcommand per job, each defined by the module that does the job.
+
+Every subcommand module exposes ``add_parser(subparsers)``, which registers its arguments and sets
+``func`` to the function that runs it. Bad input raises ``InputError``; it is printed as one line and the
+command exits with status 1.
+"""
+import argparse
+import importlib
+import sys
+
+from multitask_nnunet.errors import InputError
+
+SUBCOMMAND_MODULES = [
+    "multitask_nnunet.conversion.synthetic",     # make-synthetic
+    "multitask_nnunet.conversion.convert",       # convert
+    "multitask_nnunet.inference.batch",          # predict
+    "multitask_nnunet.evaluation.evaluate",      # evaluate
+    "multitask_nnunet.demo",                     # demo
+    "multitask_nnunet.registration",             # trainer-path
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multitask-nnunet",
+                                     description="Multi-task (segmentation + classification) nnU-Net v2 plugin")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except InputError as e:
+        print(f"multitask-nnunet {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

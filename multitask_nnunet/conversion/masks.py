@@ -1,0 +1,98 @@
+"""Turn a float mask into the integer label map nnU-Net expects, refusing anything that is not clearly a label.
+
+Masks of the quiz are stored as float with values like 1.0000152; they are rounded, but a voxel farther than
+``VALUE_TOLERANCE`` from an integer means a resampled or otherwise damaged mask, and that is an error, as is
+a label the dataset does not declare or a mask whose grid differs from its image's.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from multitask_nnunet.errors import InputError
+
+VALUE_TOLERANCE = 1e-3
+GEOMETRY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Geometry:
+    shape: Tuple[int, ...]          # numpy order (z, y, x)
+    spacing: Tuple[float, ...]      # SimpleITK order (x, y, z), as are origin and direction
+    origin: Tuple[float, ...]
+    direction: Tuple[float, ...]
+
+
+def read_geometry(path: Path) -> Geometry:
+    """The voxel grid of an image file, from its header only (no pixel data is read)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(f"{path}: cannot read image header: {_one_line(e)}") from None
+    return Geometry(tuple(reversed(reader.GetSize())), reader.GetSpacing(), reader.GetOrigin(),
+                    reader.GetDirection())
+
+
+def check_same_grid(case: str, first: Path, first_geometry: Geometry, second: Path, second_geometry: Geometry):
+    differences = []
+    if first_geometry.shape != second_geometry.shape:
+        differences.append(f"shape {first_geometry.shape} vs {second_geometry.shape}")
+    for field in ("spacing", "origin", "direction"):
+        a, b = getattr(first_geometry, field), getattr(second_geometry, field)
+        if len(a) != len(b) or not np.allclose(a, b, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE):
+            differences.append(f"{field} {_fmt(a)} vs {_fmt(b)}")
+    if differences:
+        raise InputError(f"case {case}: {first.name} and {second.name} differ in " + "; ".join(differences))
+
+
+def integer_label_map(mask: Path, allowed: Sequence[int]) -> sitk.Image:
+    """The mask rounded to integers, on the mask's own grid; fails on non-integer or undeclared values."""
+    try:
+        image = sitk.ReadImage(str(mask))
+    except RuntimeError as e:
+        raise InputError(f"{mask}: cannot read mask: {_one_line(e)}") from None
+    values = sitk.GetArrayViewFromImage(image)
+    rounded = np.rint(values)
+    off = ~(np.abs(values - rounded) <= VALUE_TOLERANCE)   # NaN counts as off
+    if off.any():
+        where = tuple(int(i) for i in np.argwhere(off)[0])
+        raise InputError(f"mask {mask}: {int(off.sum())} voxel(s) are not integer labels, e.g. value "
+                         f"{float(values[where]):.6g} at voxel (z, y, x) = {where}; values must lie within "
+                         f"{VALUE_TOLERANCE:g} of an integer")
+    found = np.unique(rounded).astype(np.int64)
+    unexpected = [int(v) for v in found if v not in set(allowed)]
+    if unexpected:
+        raise InputError(f"mask {mask}: contains label {', '.join(map(str, unexpected))}; "
+                         f"the dataset declares only labels {', '.join(map(str, allowed))}")
+    return _label_image(rounded, max(allowed), image)
+
+
+def ignore_label_map(geometry: Geometry, ignore: int) -> sitk.Image:
+    """An all-``ignore`` label map on the image's grid, for a case that has a class but no mask."""
+    reference = sitk.Image(list(reversed(geometry.shape)), sitk.sitkUInt8)
+    reference.SetSpacing(geometry.spacing)
+    reference.SetOrigin(geometry.origin)
+    reference.SetDirection(geometry.direction)
+    return _label_image(np.full(geometry.shape, ignore), ignore, reference)
+
+
+def write_label_map(label_map: sitk.Image, path: Path) -> None:
+    sitk.WriteImage(label_map, str(path), useCompression=True)
+
+
+def _label_image(values: np.ndarray, max_label: int, grid: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(values.astype(np.uint8 if max_label < 256 else np.uint16))
+    out.CopyInformation(grid)
+    return out
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())

@@ -1,0 +1,151 @@
+"""``multitask-nnunet evaluate``: score a prediction folder against ground truth.
+
+Segmentation: Dice per case and region (regions: see ``regions.py``), mean per region. Classification:
+macro-F1, accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix (rows: true
+class, columns: predicted class). 95% confidence intervals by percentile bootstrap over cases for the mean
+Dice of each region, macro-F1 and accuracy.
+
+Every input is checked (files present, CSVs, class indices, voxel grids) before any voxel is read, so bad
+input fails fast with a message naming the case.
+
+Python API: ``evaluate(pred_dir, gt, ...) -> dict`` and ``format_table(results) -> str``.
+"""
+import os
+from typing import Optional
+
+import numpy as np
+
+from multitask_nnunet.errors import InputError
+from multitask_nnunet.evaluation.class_csv import check_class_range
+from multitask_nnunet.evaluation.ground_truth import read_ground_truth
+from multitask_nnunet.evaluation.label_maps import check_same_geometry, read_label_map
+from multitask_nnunet.evaluation.predictions import (RESULTS_CSV, class_names_from_probabilities, prediction_file,
+                                                     read_predicted_classes)
+from multitask_nnunet.evaluation.regions import default_regions
+from multitask_nnunet.evaluation.report import format_table
+
+__all__ = ["evaluate", "format_table", "add_parser"]
+
+CONFUSION_MATRIX_PNG = "confusion_matrix.png"
+
+
+def evaluate(pred_dir: str, gt: str, dataset_json: Optional[str] = None, json_file: Optional[str] = None,
+             n_bootstrap: int = 1000, seed: int = 0, only_predicted: bool = False) -> dict:
+    """Evaluate, write ``confusion_matrix.png`` (beside ``json_file``, else into ``pred_dir``) and, if asked,
+    the JSON; return the results (JSON-ready: undefined numbers are None).
+
+    ``dataset_json``: a dataset.json whose ``labels`` define the regions (and ``classification.class_names``
+    the classes) for a ground truth that has none. ``only_predicted``: evaluate only the ground-truth cases
+    that have a prediction (e.g. one cross-validation fold of a raw dataset) instead of refusing."""
+    if n_bootstrap < 0:
+        raise InputError(f"bootstrap resamples must be >= 0, got {n_bootstrap}")
+    truth = read_ground_truth(gt, dataset_json)
+    predicted = read_predicted_classes(pred_dir, truth.file_ending)
+    pred_files = {case: prediction_file(pred_dir, case, truth.file_ending) for case in truth.masks}
+    missing = [case for case, path in pred_files.items() if not os.path.isfile(path)]
+    if missing and not only_predicted:
+        raise InputError(f"case '{missing[0]}': prediction {pred_files[missing[0]]} not found"
+                         + (f" ({len(missing)} ground-truth cases have no prediction)" if len(missing) > 1 else ""))
+    cases = [case for case in truth.masks if case not in missing]
+    if not cases:
+        raise InputError(f"{pred_dir}: no prediction for any of the {len(truth.masks)} ground-truth cases in {gt}")
+    results_csv = os.path.join(pred_dir, RESULTS_CSV)
+    for case in cases:
+        if case not in predicted:
+            raise InputError(f"{results_csv}: case '{case}' is missing")
+    class_names = truth.class_names or class_names_from_probabilities(pred_dir) or truth.default_class_names
+    check_class_range(truth.classes, cases, len(class_names), f"ground truth {gt}")
+    check_class_range(predicted, cases, len(class_names), results_csv)
+    for case in cases:
+        check_same_geometry(case, truth.masks[case], pred_files[case])
+
+    # imported only now: nnU-Net pulls in torch, which would slow down every CLI call and every input error
+    from multitask_nnunet.evaluation import metrics, outputs
+
+    ignore_label = truth.region_spec.ignore_label
+    per_case_dice, gt_labels = {}, set()
+    for case in cases:
+        gt_map, pred_map = read_label_map(truth.masks[case]), read_label_map(pred_files[case])
+        case_regions = truth.region_spec.regions
+        if case_regions is None:
+            found = set(np.unique(gt_map).tolist())
+            gt_labels |= found
+            case_regions = default_regions(found | set(np.unique(pred_map).tolist()))
+        per_case_dice[case] = metrics.case_dice(gt_map, pred_map, case_regions, ignore_label)
+    regions = truth.region_spec.regions or default_regions(gt_labels)
+
+    names = list(regions)
+    has_gt = np.array([per_case_dice[c] is not None for c in cases])
+    dice = np.full((len(cases), len(names)), np.nan)
+    for i, case in enumerate(cases):
+        for j, name in enumerate(names):
+            dice[i, j] = (per_case_dice[case] or {}).get(name, np.nan)
+    y_true = np.array([truth.classes[c] for c in cases])
+    y_pred = np.array([predicted[c] for c in cases])
+    segmentation = metrics.segmentation_summary(dice, names, has_gt)
+    classification = metrics.classification_metrics(y_true, y_pred, class_names)
+    ci95 = {}
+    if n_bootstrap:
+        ci = metrics.bootstrap_ci(dice, y_true, y_pred, n_bootstrap, seed)
+        ci95 = {**{n: ci["dice"][j] for j, n in enumerate(names)},
+                "macro_f1": ci["macro_f1"], "accuracy": ci["accuracy"]}
+
+    png = os.path.join(os.path.dirname(os.path.abspath(json_file)) if json_file else pred_dir, CONFUSION_MATRIX_PNG)
+    results = outputs.json_ready({
+        **{n: segmentation[n]["mean_dice"] for n in names},
+        **{k: classification[k] for k in ("macro_f1", "accuracy", "balanced_accuracy", "confusion_matrix")},
+        "class_names": class_names,
+        "regions": {n: list(labels) for n, labels in regions.items()},
+        "ignore_label": ignore_label,
+        "n_cases": len(cases),
+        "n_cases_with_segmentation_gt": int(has_gt.sum()),
+        "segmentation": segmentation,
+        "per_class": classification["per_class"],
+        "per_case": [{"case": c, "true_class": int(y_true[i]), "predicted_class": int(y_pred[i]),
+                      "has_segmentation_gt": bool(has_gt[i]),
+                      "dice": dict(zip(names, dice[i])) if has_gt[i] else None} for i, c in enumerate(cases)],
+        "ci95": ci95,
+        "bootstrap": {"n_resamples": n_bootstrap, "seed": seed},
+        "ground_truth": {"path": gt, "layout": truth.layout},
+        "predictions": pred_dir,
+        "cases_without_prediction": missing,
+        "confusion_matrix_png": png,
+    })
+    outputs.save_confusion_matrix_png(results, png)
+    if json_file:
+        outputs.write_json(results, json_file)
+    return results
+
+
+def _run(args) -> int:
+    results = evaluate(args.pred, args.gt, dataset_json=args.dataset_json, json_file=args.json,
+                       n_bootstrap=args.bootstrap, seed=args.seed, only_predicted=args.only_predicted)
+    print(format_table(results))
+    print(f"\nconfusion matrix plot: {results['confusion_matrix_png']}")
+    if args.json:
+        print(f"results: {args.json}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="Dice per region and classification metrics of a prediction folder",
+        description="Score the output of 'multitask-nnunet predict' (<case>.nii.gz label maps and "
+                    "subtype_results.csv) against ground truth. GT is an nnU-Net raw dataset (dataset.json with a "
+                    "'classification' entry + labelsTr/), a folder of masks with classes.csv (Names,Subtype), or "
+                    "a folder with class subfolders <prefix><k>/<case>.nii.gz (e.g. validation/subtype0/). "
+                    "Regions come from dataset.json 'labels'; without a dataset.json: one region per label value "
+                    "plus 'foreground'. A region empty in both truth and prediction has no Dice (nnU-Net: NaN) "
+                    "and is left out of the mean.")
+    parser.add_argument("--pred", required=True, metavar="OUT_DIR", help="prediction folder")
+    parser.add_argument("--gt", required=True, metavar="GT", help="ground-truth folder (see above)")
+    parser.add_argument("--dataset-json", metavar="FILE",
+                        help="dataset.json giving the regions (labels) and class names, e.g. the converted "
+                             "dataset's; replaces GT/dataset.json for a raw dataset")
+    parser.add_argument("--json", metavar="FILE", help="also write all results as JSON here")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples for the 95%% CIs (0: none; default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--only-predicted", action="store_true",
+                        help="evaluate only the ground-truth cases that have a prediction instead of failing")
+    parser.set_defaults(func=_run)

@@ -1,0 +1,77 @@
+"""The numbers: per-case Dice (nnU-Net's definitions), case-level classification metrics (scikit-learn) and
+percentile bootstrap confidence intervals over cases.
+
+Dice follows nnU-Net: a region empty in both ground truth and prediction has Dice NaN, which is left out of
+the region's mean (and counted, as ``n_empty_both``); voxels with the ignore label count for nothing.
+"""
+import warnings
+from typing import Dict, List, Optional
+
+import numpy as np
+from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
+                             precision_recall_fscore_support)
+
+from multitask_nnunet.evaluation.regions import Regions
+
+
+def case_dice(gt: np.ndarray, pred: np.ndarray, regions: Regions,
+              ignore_label: Optional[int]) -> Optional[Dict[str, float]]:
+    """Dice per region; None when every ground-truth voxel is ignored (the case has no segmentation truth)."""
+    ignore_mask = gt == ignore_label if ignore_label is not None else None
+    if ignore_mask is not None and ignore_mask.all():
+        return None
+    dice = {}
+    for name, labels in regions.items():
+        tp, fp, fn, _ = compute_tp_fp_fn_tn(region_or_label_to_mask(gt, labels),
+                                            region_or_label_to_mask(pred, labels), ignore_mask)
+        dice[name] = float("nan") if tp + fp + fn == 0 else float(2 * tp / (2 * tp + fp + fn))
+    return dice
+
+
+def segmentation_summary(dice: np.ndarray, region_names: List[str], has_gt: np.ndarray) -> Dict[str, dict]:
+    """``dice``: cases x regions, NaN where undefined; ``has_gt``: which cases have segmentation truth."""
+    summary = {}
+    for j, name in enumerate(region_names):
+        column = dice[has_gt, j]
+        defined = ~np.isnan(column)
+        summary[name] = {"mean_dice": float(column[defined].mean()) if defined.any() else float("nan"),
+                         "n_evaluated": int(defined.sum()), "n_empty_both": int((~defined).sum())}
+    return summary
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: List[str]) -> dict:
+    """Macro-F1 averages over the classes present in truth or prediction (scikit-learn's default), so a class
+    absent from both does not count as F1 = 0; per-class values that are undefined are NaN."""
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                                     zero_division=np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true": expected here
+        balanced = balanced_accuracy_score(y_true, y_pred)
+    return {
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro")),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "per_class": [{"index": k, "name": name, "precision": float(precision[k]), "recall": float(recall[k]),
+                       "f1": float(f1[k]), "support": int(support[k])} for k, name in enumerate(class_names)],
+    }
+
+
+def bootstrap_ci(dice: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, n_resamples: int,
+                 seed: int) -> dict:
+    """95% percentile intervals, resampling whole cases (the unit of independence) with replacement.
+
+    Returns ``{"dice": regions x 2, "macro_f1": (lo, hi), "accuracy": (lo, hi)}``; NaN where a statistic is
+    undefined in every resample (e.g. a region empty in all cases)."""
+    idx = np.random.default_rng(seed).integers(0, len(y_true), size=(n_resamples, len(y_true)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a region may be undefined in all drawn cases
+        dice_means = np.nanmean(dice[idx], axis=1)
+        dice_ci = np.nanpercentile(dice_means, [2.5, 97.5], axis=0).T
+    accuracy = (y_true[idx] == y_pred[idx]).mean(axis=1)
+    macro_f1 = np.array([f1_score(y_true[i], y_pred[i], average="macro") for i in idx])
+    return {"dice": dice_ci,
+            "macro_f1": tuple(np.percentile(macro_f1, [2.5, 97.5])),
+            "accuracy": tuple(np.percentile(accuracy, [2.5, 97.5]))}

@@ -1,0 +1,5 @@
+"""(being written)"""
+
+
+def add_parser(subparsers):
+    pass

@@ -1,0 +1,189 @@
+"""MultitaskPredictor: segmentation logits and class probabilities from one encoder pass per input.
+
+It subclasses nnU-Net's ``nnUNetPredictor`` to reuse its model-folder handling, sliding-window tiling
+(``_internal_get_sliding_window_slicers``), Gaussian weights and padding helpers; what it adds is that every
+network call also yields class logits, and how those are combined:
+
+- whole-volume mode: the preprocessed volume is padded to the network's divisibility and run in one pass
+  (FP16 autocast on CUDA, fp32 on CPU); the class comes from that pass.
+- sliding-window mode: nnU-Net's Gaussian-weighted tiles for segmentation; the class probabilities are the
+  average of the tiles' softmax outputs, each tile weighted by its predicted foreground mass (sum of the
+  Gaussian-weighted foreground probability) plus a small floor, so every tile counts and tiles that see the
+  structure count most. The class never comes from a single tile.
+- mirroring TTA and fold ensembling average segmentation logits and class probabilities alike.
+"""
+import itertools
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from nnunetv2.utilities.helpers import dummy_context, empty_cache
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from multitask_nnunet.class_labels import read_class_labels
+from multitask_nnunet.errors import InputError
+from multitask_nnunet.network import MultitaskUNet, merge_state_dict
+
+# floor added to each tile's foreground mass, relative to the tile's Gaussian mass
+TILE_WEIGHT_FLOOR = 1e-3
+MODES = ("auto", "whole", "sliding")
+
+
+def load_multitask_checkpoint(path: str) -> dict:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "classification_head" not in checkpoint:
+        raise InputError(f"{path}: not a multitask-nnunet checkpoint (no 'classification_head'); "
+                         f"was it trained with MultitasknnUNetTrainer?")
+    return checkpoint
+
+
+class MultitaskPredictor(nnUNetPredictor):
+    def __init__(self, tile_step_size: float = 0.5, use_mirroring: bool = False,
+                 device: torch.device = torch.device("cuda"), mode: str = "auto",
+                 max_whole_volume_voxels: int = 64 * 256 * 256, verbose: bool = False, allow_tqdm: bool = False):
+        super().__init__(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                         perform_everything_on_device=True, device=device, verbose=verbose,
+                         verbose_preprocessing=False, allow_tqdm=allow_tqdm)
+        if mode not in MODES:
+            raise InputError(f"--mode must be one of {MODES}, got '{mode}'")
+        self.mode = mode
+        self.max_whole_volume_voxels = max_whole_volume_voxels
+        self.class_names: Optional[List[str]] = None
+
+    # ---------------------------------------------------------------- set-up
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds, checkpoint_name: str =
+                                             "checkpoint_final.pth"):
+        """Like nnU-Net's, but builds a MultitaskUNet and keeps each fold's head weights."""
+        dataset_json = load_json(join(model_training_output_dir, "dataset.json"))
+        plans_manager = PlansManager(join(model_training_output_dir, "plans.json"))
+        if use_folds is None:
+            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+        parameters, checkpoint = [], None
+        for fold in use_folds:
+            fold = fold if fold == "all" else int(fold)
+            path = join(model_training_output_dir, f"fold_{fold}", checkpoint_name)
+            try:
+                checkpoint = load_multitask_checkpoint(path)
+            except FileNotFoundError:
+                raise InputError(f"{path}: checkpoint not found") from None
+            parameters.append(merge_state_dict(checkpoint["network_weights"],
+                                               checkpoint["classification_head"]["state_dict"]))
+        head = checkpoint["classification_head"]
+        configuration_manager = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
+        network = self.build_network(checkpoint["trainer_name"], plans_manager, configuration_manager,
+                                     dataset_json, head)
+        network.load_state_dict(parameters[0])
+        self.class_names = list(head["class_names"])
+        self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                   checkpoint["trainer_name"], checkpoint.get("inference_allowed_mirroring_axes"))
+
+    @staticmethod
+    def build_network(trainer_name: str, plans_manager, configuration_manager, dataset_json: dict,
+                      head: dict) -> MultitaskUNet:
+        """The trainer's own (static) architecture builder, as nnU-Net's predictor uses it, plus the head."""
+        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+        segmentation_network = trainer_class.build_network_architecture(
+            plans_manager, configuration_manager,
+            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+        return MultitaskUNet(segmentation_network, head["num_classes"], head["hidden"], head["dropout"])
+
+    def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
+                              trainer_name, inference_allowed_mirroring_axes):
+        super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                      trainer_name, inference_allowed_mirroring_axes)
+        if self.class_names is None:
+            self.class_names = read_class_labels(dataset_json).class_names
+
+    # ---------------------------------------------------------------- prediction
+    def _module(self) -> MultitaskUNet:
+        net = self.network
+        for attr in ("module", "_orig_mod"):  # DDP, torch.compile
+            net = getattr(net, attr, net)
+        return net
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else dummy_context()
+
+    @torch.inference_mode()
+    def _mirror_and_predict(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(segmentation logits, class probabilities) of one batch, averaged over the mirror axes if TTA."""
+        segmentation, class_logits = self.network(x, return_classification=True)
+        segmentation, class_probs = segmentation.float(), torch.softmax(class_logits.float(), 1)
+        if self.use_mirroring and self.allowed_mirroring_axes:
+            axes = [m + 2 for m in self.allowed_mirroring_axes]
+            combinations = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+            for flip in combinations:
+                s, c = self.network(torch.flip(x, flip), return_classification=True)
+                segmentation += torch.flip(s.float(), flip)
+                class_probs += torch.softmax(c.float(), 1)
+            segmentation /= len(combinations) + 1
+            class_probs /= len(combinations) + 1
+        return segmentation, class_probs
+
+    def _foreground_probability(self, segmentation_logits: torch.Tensor) -> torch.Tensor:
+        if self.label_manager.has_regions:
+            return torch.sigmoid(segmentation_logits).amax(1)
+        return 1 - torch.softmax(segmentation_logits, 1)[:, 0]
+
+    def _predict_whole(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        padded, revert = pad_nd_image(data, None, "constant", {"value": 0}, True, self._module().divisibility())
+        segmentation, class_probs = self._mirror_and_predict(padded[None].to(self.device))
+        return segmentation[0][(slice(None), *revert[1:])], class_probs[0]
+
+    def _predict_sliding(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        patch_size = tuple(self.configuration_manager.patch_size)
+        padded, revert = pad_nd_image(data, patch_size, "constant", {"value": 0}, True, None)
+        gaussian = compute_gaussian(patch_size, sigma_scale=1. / 8, value_scaling_factor=10, device=self.device)
+        logits = torch.zeros((self.label_manager.num_segmentation_heads, *padded.shape[1:]), device=self.device)
+        weights = torch.zeros(padded.shape[1:], device=self.device)
+        class_sum, weight_sum = 0, 0
+        floor = TILE_WEIGHT_FLOOR * float(gaussian.sum())
+        for slicer in self._internal_get_sliding_window_slicers(padded.shape[1:]):
+            tile = padded[slicer][None].to(self.device)
+            segmentation, class_probs = self._mirror_and_predict(tile)
+            logits[slicer] += segmentation[0] * gaussian
+            weights[slicer[1:]] += gaussian
+            tile_weight = float((self._foreground_probability(segmentation)[0] * gaussian).sum()) + floor
+            class_sum = class_sum + tile_weight * class_probs[0]
+            weight_sum += tile_weight
+        logits /= weights
+        return logits[(slice(None), *revert[1:])], class_sum / weight_sum
+
+    def _use_whole_volume(self, data: torch.Tensor) -> bool:
+        if self.mode != "auto":
+            return self.mode == "whole"
+        return int(np.prod(data.shape[1:])) <= self.max_whole_volume_voxels
+
+    @torch.inference_mode()
+    def predict_preprocessed(self, data: torch.Tensor) -> Tuple[torch.Tensor, np.ndarray]:
+        """Segmentation logits (on CPU, float32, the input's spatial shape) and class probabilities (K,) for
+        one preprocessed case (c, x, y, z), ensembled over all loaded folds."""
+        self.network = self.network.to(self.device).eval()
+        logits_sum, probs_sum = None, None
+        parameters = self.list_of_parameters or [None]  # None: the weights the network holds (validation)
+        for params in parameters:
+            if params is not None:
+                self._module().load_state_dict(params)
+            with self._autocast():
+                logits, probs = self._predict_one_fold(data)
+            logits_sum = logits.cpu() if logits_sum is None else logits_sum + logits.cpu()
+            probs_sum = probs.cpu() if probs_sum is None else probs_sum + probs.cpu()
+        n = len(parameters)
+        return logits_sum / n, (probs_sum / n).numpy()
+
+    def _predict_one_fold(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._use_whole_volume(data):
+            try:
+                return self._predict_whole(data)
+            except torch.OutOfMemoryError:
+                if self.verbose:
+                    print(f"whole-volume pass of shape {tuple(data.shape)} ran out of memory; using sliding window")
+                empty_cache(self.device)
+        return self._predict_sliding(data)
