@@ -1,5 +1,107 @@
-"""(being written)"""
+"""``multitask-nnunet demo``: the whole job on a built-in synthetic dataset, in minutes on a CPU.
+
+make-synthetic -> convert -> stock nnUNetv2_plan_and_preprocess -> tiny plans -> stock nnUNetv2_train with
+MultitasknnUNetTrainer_Demo -> multitask-nnunet predict on the synthetic test images -> evaluate against
+their ground truth. nnU-Net's own steps run as the same CLI commands a user types, with nnUNet_raw,
+nnUNet_preprocessed and nnUNet_results inside the work folder. A step whose output already exists is
+skipped, so an interrupted demo resumes where it stopped; ``--fresh`` starts over.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from multitask_nnunet.errors import InputError
+
+DATASET_ID = 999
+DATASET = f"Dataset{DATASET_ID}_SyntheticDemo"
+CONFIGURATION = "3d_fullres"
+PLANS = "nnUNetTinyPlans"
+TRAINER = "MultitasknnUNetTrainer_Demo"
 
 
-def add_parser(subparsers):
-    pass
+def _step(number: int, text: str) -> None:
+    print(f"\n=== [{number}/6] {text}", flush=True)
+
+
+def _run(cmd: list, env: dict) -> None:
+    print("+ " + " ".join(cmd), flush=True)
+    bin_dir = os.path.dirname(sys.executable)
+    exe = os.path.join(bin_dir, cmd[0])
+    completed = subprocess.run([exe if os.path.exists(exe) else cmd[0], *cmd[1:]], env=env,
+                               stdin=subprocess.DEVNULL)
+    if completed.returncode != 0:
+        raise InputError(f"'{' '.join(cmd)}' failed with exit code {completed.returncode} (see its output above)")
+
+
+def run_demo(workdir: str, device: str = None, fresh: bool = False) -> dict:
+    import torch
+
+    from multitask_nnunet.conversion.convert import convert_dataset
+    from multitask_nnunet.conversion.synthetic import make_synthetic_dataset
+    from multitask_nnunet.evaluation.evaluate import evaluate, format_table
+    from multitask_nnunet.inference.batch import predict_folder
+    from multitask_nnunet.registration import environment_with_trainers
+    from multitask_nnunet.tiny_plans import write_tiny_plans
+
+    work = Path(workdir).resolve()
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment_with_trainers()
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (work / var).mkdir(parents=True, exist_ok=True)
+        env[var] = os.environ[var] = str(work / var)  # for our in-process steps too
+    os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]
+    source, raw = work / "synthetic_quiz_layout", work / "nnUNet_raw" / DATASET
+    preprocessed = work / "nnUNet_preprocessed" / DATASET
+    model = work / "nnUNet_results" / DATASET / f"{TRAINER}__{PLANS}__{CONFIGURATION}"
+    predictions = work / "predictions"
+    started = time.time()
+    print(f"multitask-nnunet demo in {work} on {device}")
+
+    _step(1, "synthetic dataset in the quiz layout (train/subtypeK, validation/subtypeK, test)")
+    if not source.is_dir():
+        make_synthetic_dataset(source)
+    print(f"{source}")
+
+    _step(2, "convert to an nnU-Net raw dataset with region labels and class labels")
+    if not raw.is_dir():
+        convert_dataset(source, DATASET_ID, "SyntheticDemo")
+    print(f"{raw}")
+
+    _step(3, "stock nnUNetv2_plan_and_preprocess, then a tiny copy of the plans for a CPU")
+    if not (preprocessed / f"{PLANS}.json").is_file():
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "2", "-npfp", "2",
+              "--verify_dataset_integrity"], env)
+        write_tiny_plans(str(preprocessed), target_plans=PLANS)
+
+    _step(4, f"stock nnUNetv2_train with -tr {TRAINER} (fold 0 = the original train/validation split)")
+    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
+        _run(["nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-tr", TRAINER, "-p", PLANS,
+              "-device", device], env)
+
+    _step(5, "multitask-nnunet predict on the test images: masks + subtype_results.csv")
+    predict_folder(source / "test", predictions, model, folds=[0], device=device)
+
+    _step(6, "evaluate against the test ground truth")
+    results = evaluate(str(predictions), str(source / "test_labels"), dataset_json=str(raw / "dataset.json"),
+                       json_file=str(work / "evaluation.json"))
+    print(format_table(results))
+    print(f"\nDone in {time.time() - started:.0f} s. Outputs:\n"
+          f"  model        {model}\n"
+          f"  predictions  {predictions} (masks, subtype_results.csv, class_probabilities.csv)\n"
+          f"  metrics      {work / 'evaluation.json'}, {work / 'confusion_matrix.png'}\n"
+          f"  training     {model / 'fold_0' / 'progress.png'}, {model / 'fold_0' / 'validation'}")
+    return results
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="run the whole pipeline on a synthetic dataset (minutes on a CPU)",
+                              description=__doc__)
+    p.add_argument("--workdir", default="multitask_nnunet_demo", help="work folder (default: ./multitask_nnunet_demo)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--fresh", action="store_true", help="delete the work folder first")
+    p.set_defaults(func=lambda args: run_demo(args.workdir, args.device, args.fresh) and None)

@@ -11,7 +11,7 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
 def write_tiny_plans(preprocessed_dataset_folder: str, source_plans: str = "nnUNetPlans",
                      target_plans: str = "nnUNetTinyPlans", configuration: str = "3d_fullres",
-                     base_features: int = 4, max_features: int = 32, batch_size: int = 2) -> str:
+                     base_features: int = 8, max_features: int = 64, batch_size: int = 2) -> str:
     """Writes ``<target_plans>.json`` beside the source plans and returns its identifier."""
     plans = load_json(join(preprocessed_dataset_folder, source_plans + ".json"))
     tiny = deepcopy(plans)

@@ -64,10 +64,13 @@ def write_predictions(out_dir, classes=PRED, cases=CASES, maps=None):
 
 
 def write_quiz_truth(root):
-    """data/validation/subtypeK/<case>.nii.gz beside <case>_0000.nii.gz images."""
+    """data/validation/subtypeK/<case>.nii.gz beside <case>_0000.nii.gz images; float32 masks with the quiz's
+    rounding noise (1.0000152 for 1)."""
     for case, k in zip(CASES, TRUE):
         folder = os.path.join(root, "validation", f"subtype{k}")
-        write_image(os.path.join(folder, case + ".nii.gz"), truth_maps()[case])
+        mask = truth_maps()[case].astype(np.float32)
+        mask[mask == 1] += np.float32(1.52e-5)
+        write_image(os.path.join(folder, case + ".nii.gz"), mask)
         write_image(os.path.join(folder, case + "_0000.nii.gz"), np.zeros((16, 24, 24), np.int16))
     return root
 
@@ -145,8 +148,8 @@ def test_raw_dataset_regions_and_ignore_label_cli(tmp_path):
     assert results["whole_pancreas"] == pytest.approx(WHOLE)
     assert results["pancreas_lesion"] == pytest.approx(LESION)
     assert results["per_case"][0]["dice"] == {"whole_pancreas": 1.0, "pancreas_lesion": 1.0}
-    assert results["per_case"][6] == {"case": "quiz_1_007", "true_class": 1, "predicted_class": 1,
-                                      "has_segmentation_gt": False, "dice": None}
+    assert {r["case"]: r for r in results["per_case"]}["quiz_1_007"] == {
+        "case": "quiz_1_007", "true_class": 1, "predicted_class": 1, "has_segmentation_gt": False, "dice": None}
     assert results["n_cases"] == 7 and results["n_cases_with_segmentation_gt"] == 6
     assert results["confusion_matrix"] == [[1, 1, 0], [0, 3, 0], [1, 0, 1]]
     assert results["accuracy"] == pytest.approx(5 / 7)
@@ -234,9 +237,21 @@ def test_bad_input_is_one_line_error(tmp_path, corrupt, expected):
     assert proc.stderr.startswith("multitask-nnunet evaluate: error: ") and proc.stderr.count("\n") == 1
     assert expected in proc.stderr
     if corrupt is _break_spacing:
-        assert "spacing" in proc.stderr
+        assert "has spacing (0.8, 0.8, 3) but ground truth" in proc.stderr
     if corrupt is _break_shape:
-        assert "size" in proc.stderr
+        assert "has shape (8, 24, 24) but ground truth" in proc.stderr
+
+
+def test_float_mask_must_hold_integer_labels(tmp_path):
+    from multitask_nnunet.errors import InputError
+    from multitask_nnunet.evaluation.label_maps import read_label_map
+
+    path = str(tmp_path / "m.nii.gz")
+    write_image(path, label_map() * np.float32(1.0000152))
+    assert np.array_equal(read_label_map(path), label_map())
+    write_image(path, label_map() * np.float32(0.7))
+    with pytest.raises(InputError, match="m.nii.gz: label map holds values that are not integer labels"):
+        read_label_map(path)
 
 
 def test_unrecognised_ground_truth_folder(tmp_path):

@@ -95,4 +95,6 @@ def _fmt(values) -> str:
 
 
 def _one_line(error: Exception) -> str:
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    """SimpleITK's message without the C++ source location that precedes it."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text.split("ERROR: ")[-1]

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from sklearn.model_selection import StratifiedKFold
-
+from multitask_nnunet.atomic import atomic_write_text
 from multitask_nnunet.errors import InputError
 
 SPLITS_FILE = "splits_final.json"
@@ -29,6 +28,7 @@ def stratified_folds(case_labels: Dict[str, int], folds: int) -> List[dict]:
     if smallest < folds:
         raise InputError(f"--folds {folds}: the smallest class has only {smallest} case(s); every class needs at "
                          f"least one case per fold")
+    from sklearn.model_selection import StratifiedKFold  # here: importing sklearn costs every CLI call ~1.5 s
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=SEED)
     labels = [case_labels[c] for c in cases]
     return [{"train": sorted(cases[i] for i in tr), "val": sorted(cases[i] for i in va)}
@@ -36,8 +36,5 @@ def stratified_folds(case_labels: Dict[str, int], folds: int) -> List[dict]:
 
 
 def write_splits(splits: List[dict], path: Path) -> None:
-    """Written via a temporary file so a crash never leaves a truncated split that nnU-Net would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(splits, indent=1) + "\n")
-    partial.replace(path)
+    """Atomic, so a crash never leaves a truncated split that nnU-Net would trust."""
+    atomic_write_text(str(path), json.dumps(splits, indent=1) + "\n")

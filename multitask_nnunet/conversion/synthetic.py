@@ -94,9 +94,9 @@ def _ellipsoid_radius(shape, center, semi_axes) -> np.ndarray:
 def _make_case(rng: np.random.Generator, class_index: int) -> Tuple[sitk.Image, np.ndarray]:
     shape = tuple(int(n) for n in np.array(SHAPE) + rng.integers(-4, 5, size=3))
     mm_per_voxel = np.array(SPACING[::-1])
-    pancreas_axes = rng.uniform((8, 9, 12), (12, 13, 18)) / mm_per_voxel
+    pancreas_axes = rng.uniform((14, 15, 16), (22, 20, 20)) / mm_per_voxel  # ~15% of the crop, like the quiz
     pancreas_center = [rng.uniform(a + 2, n - a - 2) for a, n in zip(pancreas_axes, shape)]
-    lesion_axes = rng.uniform(4.0, 6.5, size=3) / mm_per_voxel
+    lesion_axes = rng.uniform(6.0, 9.0, size=3) / mm_per_voxel
     lesion_center = [c + rng.uniform(-0.5, 0.5) * (p - l)
                      for c, p, l in zip(pancreas_center, pancreas_axes, lesion_axes)]
     in_pancreas = _ellipsoid_radius(shape, pancreas_center, pancreas_axes) <= 1

@@ -15,11 +15,12 @@ from typing import Optional
 
 import numpy as np
 
+from multitask_nnunet.class_csv import RESULTS_CSV
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.evaluation.class_csv import check_class_range
-from multitask_nnunet.evaluation.ground_truth import read_ground_truth
+from multitask_nnunet.evaluation.case_classes import check_class_range
+from multitask_nnunet.evaluation.ground_truth import GroundTruth, read_ground_truth
 from multitask_nnunet.evaluation.label_maps import check_same_geometry, read_label_map
-from multitask_nnunet.evaluation.predictions import (RESULTS_CSV, class_names_from_probabilities, prediction_file,
+from multitask_nnunet.evaluation.predictions import (class_names_from_probabilities, prediction_file,
                                                      read_predicted_classes)
 from multitask_nnunet.evaluation.regions import default_regions
 from multitask_nnunet.evaluation.report import format_table
@@ -29,7 +30,7 @@ __all__ = ["evaluate", "format_table", "add_parser"]
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 
 
-def evaluate(pred_dir: str, gt: str, dataset_json: Optional[str] = None, json_file: Optional[str] = None,
+def evaluate(pred_dir, gt, dataset_json: Optional[str] = None, json_file: Optional[str] = None,
              n_bootstrap: int = 1000, seed: int = 0, only_predicted: bool = False) -> dict:
     """Evaluate, write ``confusion_matrix.png`` (beside ``json_file``, else into ``pred_dir``) and, if asked,
     the JSON; return the results (JSON-ready: undefined numbers are None).
@@ -37,49 +38,17 @@ def evaluate(pred_dir: str, gt: str, dataset_json: Optional[str] = None, json_fi
     ``dataset_json``: a dataset.json whose ``labels`` define the regions (and ``classification.class_names``
     the classes) for a ground truth that has none. ``only_predicted``: evaluate only the ground-truth cases
     that have a prediction (e.g. one cross-validation fold of a raw dataset) instead of refusing."""
+    pred_dir, gt = os.fspath(pred_dir), os.fspath(gt)
     if n_bootstrap < 0:
         raise InputError(f"bootstrap resamples must be >= 0, got {n_bootstrap}")
     truth = read_ground_truth(gt, dataset_json)
-    predicted = read_predicted_classes(pred_dir, truth.file_ending)
-    pred_files = {case: prediction_file(pred_dir, case, truth.file_ending) for case in truth.masks}
-    missing = [case for case, path in pred_files.items() if not os.path.isfile(path)]
-    if missing and not only_predicted:
-        raise InputError(f"case '{missing[0]}': prediction {pred_files[missing[0]]} not found"
-                         + (f" ({len(missing)} ground-truth cases have no prediction)" if len(missing) > 1 else ""))
-    cases = [case for case in truth.masks if case not in missing]
-    if not cases:
-        raise InputError(f"{pred_dir}: no prediction for any of the {len(truth.masks)} ground-truth cases in {gt}")
-    results_csv = os.path.join(pred_dir, RESULTS_CSV)
-    for case in cases:
-        if case not in predicted:
-            raise InputError(f"{results_csv}: case '{case}' is missing")
-    class_names = truth.class_names or class_names_from_probabilities(pred_dir) or truth.default_class_names
-    check_class_range(truth.classes, cases, len(class_names), f"ground truth {gt}")
-    check_class_range(predicted, cases, len(class_names), results_csv)
-    for case in cases:
-        check_same_geometry(case, truth.masks[case], pred_files[case])
+    cases, missing, predicted, class_names = _checked_inputs(pred_dir, truth, gt, only_predicted)
 
     # imported only now: nnU-Net pulls in torch, which would slow down every CLI call and every input error
     from multitask_nnunet.evaluation import metrics, outputs
 
-    ignore_label = truth.region_spec.ignore_label
-    per_case_dice, gt_labels = {}, set()
-    for case in cases:
-        gt_map, pred_map = read_label_map(truth.masks[case]), read_label_map(pred_files[case])
-        case_regions = truth.region_spec.regions
-        if case_regions is None:
-            found = set(np.unique(gt_map).tolist())
-            gt_labels |= found
-            case_regions = default_regions(found | set(np.unique(pred_map).tolist()))
-        per_case_dice[case] = metrics.case_dice(gt_map, pred_map, case_regions, ignore_label)
-    regions = truth.region_spec.regions or default_regions(gt_labels)
-
+    regions, dice, has_gt = _dice_table(truth, cases, pred_dir, metrics.case_dice)
     names = list(regions)
-    has_gt = np.array([per_case_dice[c] is not None for c in cases])
-    dice = np.full((len(cases), len(names)), np.nan)
-    for i, case in enumerate(cases):
-        for j, name in enumerate(names):
-            dice[i, j] = (per_case_dice[case] or {}).get(name, np.nan)
     y_true = np.array([truth.classes[c] for c in cases])
     y_pred = np.array([predicted[c] for c in cases])
     segmentation = metrics.segmentation_summary(dice, names, has_gt)
@@ -96,7 +65,7 @@ def evaluate(pred_dir: str, gt: str, dataset_json: Optional[str] = None, json_fi
         **{k: classification[k] for k in ("macro_f1", "accuracy", "balanced_accuracy", "confusion_matrix")},
         "class_names": class_names,
         "regions": {n: list(labels) for n, labels in regions.items()},
-        "ignore_label": ignore_label,
+        "ignore_label": truth.region_spec.ignore_label,
         "n_cases": len(cases),
         "n_cases_with_segmentation_gt": int(has_gt.sum()),
         "segmentation": segmentation,
@@ -115,6 +84,52 @@ def evaluate(pred_dir: str, gt: str, dataset_json: Optional[str] = None, json_fi
     if json_file:
         outputs.write_json(results, json_file)
     return results
+
+
+def _checked_inputs(pred_dir: str, truth: GroundTruth, gt: str, only_predicted: bool):
+    """Every check that needs no voxel data: cases to evaluate, those without a prediction, predicted
+    classes, class names."""
+    predicted = read_predicted_classes(pred_dir, truth.file_ending)
+    missing = [c for c in truth.masks if not os.path.isfile(prediction_file(pred_dir, c, truth.file_ending))]
+    if missing and not only_predicted:
+        raise InputError(f"case '{missing[0]}': prediction "
+                         f"{prediction_file(pred_dir, missing[0], truth.file_ending)} not found"
+                         + (f" ({len(missing)} ground-truth cases have no prediction)" if len(missing) > 1 else ""))
+    cases = [c for c in truth.masks if c not in missing]
+    if not cases:
+        raise InputError(f"{pred_dir}: no prediction for any of the {len(truth.masks)} ground-truth cases in {gt}")
+    results_csv = os.path.join(pred_dir, RESULTS_CSV)
+    for case in cases:
+        if case not in predicted:
+            raise InputError(f"{results_csv}: case '{case}' is missing")
+    class_names = truth.class_names or class_names_from_probabilities(pred_dir) or truth.default_class_names
+    check_class_range(truth.classes, cases, len(class_names), f"ground truth {gt}")
+    check_class_range(predicted, cases, len(class_names), results_csv)
+    for case in cases:
+        check_same_geometry(case, truth.masks[case], prediction_file(pred_dir, case, truth.file_ending))
+    return cases, missing, predicted, class_names
+
+
+def _dice_table(truth: GroundTruth, cases, pred_dir: str, case_dice):
+    """Regions and the cases x regions Dice matrix (NaN: undefined) plus which cases have segmentation truth.
+
+    Without region definitions, each case is scored on the labels it holds (truth or prediction) and the
+    regions reported are those of the labels found in the truth; a label absent from both is NaN, as it
+    would have been had it been scored."""
+    per_case, gt_labels = {}, set()
+    for case in cases:
+        gt_map = read_label_map(truth.masks[case])
+        pred_map = read_label_map(prediction_file(pred_dir, case, truth.file_ending))
+        regions = truth.region_spec.regions
+        if regions is None:
+            found = set(np.unique(gt_map).tolist())
+            gt_labels |= found
+            regions = default_regions(found | set(np.unique(pred_map).tolist()))
+        per_case[case] = case_dice(gt_map, pred_map, regions, truth.region_spec.ignore_label)
+    regions = truth.region_spec.regions or default_regions(gt_labels)
+    has_gt = np.array([per_case[c] is not None for c in cases])
+    dice = np.array([[(per_case[c] or {}).get(n, np.nan) for n in regions] for c in cases], dtype=float)
+    return regions, dice.reshape(len(cases), len(regions)), has_gt
 
 
 def _run(args) -> int:

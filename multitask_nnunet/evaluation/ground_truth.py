@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 from multitask_nnunet.class_labels import CLASSIFICATION_KEY, class_labels_for_cases, read_class_labels
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.evaluation.class_csv import read_case_classes, strip_ending
+from multitask_nnunet.evaluation.case_classes import read_case_classes, strip_ending
 from multitask_nnunet.evaluation.regions import RegionSpec, regions_from_labels
 
 MASK_ENDING = ".nii.gz"

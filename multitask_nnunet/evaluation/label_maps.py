@@ -1,46 +1,36 @@
-"""Reading label maps and checking that a prediction lies on its ground truth's voxel grid.
+"""Reading label maps for scoring and checking that a prediction lies on its ground truth's voxel grid.
 
-Dice compares arrays voxel by voxel, so a prediction on another grid (other shape, spacing, origin or
-direction) would give a meaningless number; we refuse it. Tolerance ``GEOMETRY_ATOL`` (mm for spacing and
-origin, plain number for direction cosines) absorbs the float32 rounding of NIfTI headers.
+Dice compares arrays voxel by voxel, so a prediction on another grid (shape, spacing, origin or direction)
+would give a meaningless number; it is refused. Tolerances are the converter's, so whatever ``convert``
+accepts as a mask on its image's grid is accepted here too, including the quiz's float masks (1.0000152).
 """
 import numpy as np
 import SimpleITK as sitk
 
+from multitask_nnunet.conversion.masks import GEOMETRY_TOLERANCE, VALUE_TOLERANCE, read_geometry
 from multitask_nnunet.errors import InputError
-
-GEOMETRY_ATOL = 1e-3
-
-
-def _header(path: str) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise InputError(f"{path}: cannot read image ({str(e).strip().splitlines()[-1]})")
-    return reader
 
 
 def check_same_geometry(case: str, gt_file: str, pred_file: str) -> None:
     """Headers only, so that a mismatch is reported before any voxel is read."""
-    gt, pred = _header(gt_file), _header(pred_file)
-    if gt.GetSize() != pred.GetSize():
-        raise InputError(f"case '{case}': prediction {pred_file} has size {pred.GetSize()}, "
-                         f"ground truth {gt_file} has {gt.GetSize()}")
-    for what in ("Spacing", "Origin", "Direction"):
-        a, b = getattr(gt, "Get" + what)(), getattr(pred, "Get" + what)()
-        if not np.allclose(a, b, rtol=0, atol=GEOMETRY_ATOL):
-            raise InputError(f"case '{case}': prediction {pred_file} has {what.lower()} "
-                             f"{tuple(round(v, 4) for v in b)}, ground truth {gt_file} has "
-                             f"{tuple(round(v, 4) for v in a)}")
+    gt, pred = read_geometry(gt_file), read_geometry(pred_file)
+    for field in ("shape", "spacing", "origin", "direction"):
+        a, b = getattr(gt, field), getattr(pred, field)
+        if len(a) != len(b) or not np.allclose(a, b, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE):
+            raise InputError(f"case '{case}': prediction {pred_file} has {field} {_fmt(b)} but ground truth "
+                             f"{gt_file} has {_fmt(a)}")
 
 
 def read_label_map(path: str) -> np.ndarray:
-    """Integer labels; masks saved as floats are accepted when they hold whole numbers."""
+    """Integer labels; float masks are rounded when every voxel lies within ``VALUE_TOLERANCE`` of an integer."""
     array = sitk.GetArrayFromImage(sitk.ReadImage(path))
     if np.issubdtype(array.dtype, np.integer):
         return array
-    if not np.array_equal(array, np.round(array)):
-        raise InputError(f"{path}: label map holds non-integer values")
-    return array.astype(np.int32)
+    rounded = np.rint(array)
+    if not np.all(np.abs(array - rounded) <= VALUE_TOLERANCE):
+        raise InputError(f"{path}: label map holds values that are not integer labels")
+    return rounded.astype(np.int32)
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"

@@ -1,16 +1,12 @@
-"""The result files: JSON and the confusion-matrix PNG.
-
-Both are written to a temporary name and renamed, so a reader never sees half a file.
-"""
+"""The result files: JSON and the confusion-matrix PNG, both written atomically."""
 import json
 import math
-import os
-import tempfile
 
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
 
+from multitask_nnunet.atomic import atomic_path, atomic_write_text
 from multitask_nnunet.evaluation.report import format_number
 
 
@@ -29,21 +25,8 @@ def json_ready(value):
     return value
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_json(results: dict, path: str) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 def save_confusion_matrix_png(results: dict, path: str) -> None:
@@ -55,4 +38,5 @@ def save_confusion_matrix_png(results: dict, path: str) -> None:
     ax.set_ylabel("true class")
     ax.set_title(f"macro-F1 {format_number(results['macro_f1'])}, accuracy {format_number(results['accuracy'])}")
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)

@@ -4,11 +4,10 @@ import csv
 import os
 from typing import Dict, List, Optional
 
+from multitask_nnunet.class_csv import PROBABILITIES_CSV, RESULTS_CSV
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.evaluation.class_csv import read_case_classes
+from multitask_nnunet.evaluation.case_classes import read_case_classes
 
-RESULTS_CSV = "subtype_results.csv"
-PROBABILITIES_CSV = "class_probabilities.csv"
 PROBABILITY_PREFIX = "prob_"
 
 

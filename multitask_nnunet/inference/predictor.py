@@ -4,15 +4,18 @@ It subclasses nnU-Net's ``nnUNetPredictor`` to reuse its model-folder handling, 
 (``_internal_get_sliding_window_slicers``), Gaussian weights and padding helpers; what it adds is that every
 network call also yields class logits, and how those are combined:
 
-- whole-volume mode: the preprocessed volume is padded to the network's divisibility and run in one pass
-  (FP16 autocast on CUDA, fp32 on CPU); the class comes from that pass.
+- whole-volume mode: the preprocessed volume is padded to at least the patch size and to the network's
+  divisibility and run in one pass (FP16 autocast on CUDA, fp32 on CPU); the class comes from that pass.
 - sliding-window mode: nnU-Net's Gaussian-weighted tiles for segmentation; the class probabilities are the
   average of the tiles' softmax outputs, each tile weighted by its predicted foreground mass (sum of the
   Gaussian-weighted foreground probability) plus a small floor, so every tile counts and tiles that see the
   structure count most. The class never comes from a single tile.
 - mirroring TTA and fold ensembling average segmentation logits and class probabilities alike.
+
+``last_path`` tells which of the two ran for the latest case (batch prediction logs it).
 """
 import itertools
+import os
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -29,6 +32,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from multitask_nnunet.class_labels import read_class_labels
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.network import MultitaskUNet, merge_state_dict
+from multitask_nnunet.registration import ext_trainer_path
 
 # floor added to each tile's foreground mass, relative to the tile's Gaussian mass
 TILE_WEIGHT_FLOOR = 1e-3
@@ -55,6 +59,8 @@ class MultitaskPredictor(nnUNetPredictor):
         self.mode = mode
         self.max_whole_volume_voxels = max_whole_volume_voxels
         self.class_names: Optional[List[str]] = None
+        self.last_path: Optional[str] = None
+        self._loaded_parameters: Optional[int] = None  # index into list_of_parameters held by the network
 
     # ---------------------------------------------------------------- set-up
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds, checkpoint_name: str =
@@ -82,11 +88,14 @@ class MultitaskPredictor(nnUNetPredictor):
         self.class_names = list(head["class_names"])
         self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                    checkpoint["trainer_name"], checkpoint.get("inference_allowed_mirroring_axes"))
+        self._loaded_parameters = 0
 
     @staticmethod
     def build_network(trainer_name: str, plans_manager, configuration_manager, dataset_json: dict,
                       head: dict) -> MultitaskUNet:
-        """The trainer's own (static) architecture builder, as nnU-Net's predictor uses it, plus the head."""
+        """The trainer's own (static) architecture builder, as nnU-Net's predictor uses it, plus the head.
+        nnU-Net looks for trainers outside its own folder only in ``nnUNet_extTrainer``, so ours go there."""
+        os.environ["nnUNet_extTrainer"] = ext_trainer_path()
         trainer_class = recursive_find_trainer_class_by_name(trainer_name)
         segmentation_network = trainer_class.build_network_architecture(
             plans_manager, configuration_manager,
@@ -98,6 +107,7 @@ class MultitaskPredictor(nnUNetPredictor):
                               trainer_name, inference_allowed_mirroring_axes):
         super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                       trainer_name, inference_allowed_mirroring_axes)
+        self._loaded_parameters = None
         if self.class_names is None:
             self.class_names = read_class_labels(dataset_json).class_names
 
@@ -133,21 +143,23 @@ class MultitaskPredictor(nnUNetPredictor):
         return 1 - torch.softmax(segmentation_logits, 1)[:, 0]
 
     def _predict_whole(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        padded, revert = pad_nd_image(data, None, "constant", {"value": 0}, True, self._module().divisibility())
-        segmentation, class_probs = self._mirror_and_predict(padded[None].to(self.device))
+        # at least the patch size, as nnU-Net pads small images in training: the instance norms then see the
+        # statistics they were trained with, and a volume smaller than the patch gets the sliding window's result
+        padded, revert = pad_nd_image(data.to(self.device), self.configuration_manager.patch_size, "constant",
+                                      {"value": 0}, True, self._module().divisibility())
+        segmentation, class_probs = self._mirror_and_predict(padded[None])
         return segmentation[0][(slice(None), *revert[1:])], class_probs[0]
 
     def _predict_sliding(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         patch_size = tuple(self.configuration_manager.patch_size)
-        padded, revert = pad_nd_image(data, patch_size, "constant", {"value": 0}, True, None)
+        padded, revert = pad_nd_image(data.to(self.device), patch_size, "constant", {"value": 0}, True, None)
         gaussian = compute_gaussian(patch_size, sigma_scale=1. / 8, value_scaling_factor=10, device=self.device)
         logits = torch.zeros((self.label_manager.num_segmentation_heads, *padded.shape[1:]), device=self.device)
         weights = torch.zeros(padded.shape[1:], device=self.device)
         class_sum, weight_sum = 0, 0
         floor = TILE_WEIGHT_FLOOR * float(gaussian.sum())
         for slicer in self._internal_get_sliding_window_slicers(padded.shape[1:]):
-            tile = padded[slicer][None].to(self.device)
-            segmentation, class_probs = self._mirror_and_predict(tile)
+            segmentation, class_probs = self._mirror_and_predict(padded[slicer][None])
             logits[slicer] += segmentation[0] * gaussian
             weights[slicer[1:]] += gaussian
             tile_weight = float((self._foreground_probability(segmentation)[0] * gaussian).sum()) + floor
@@ -168,9 +180,10 @@ class MultitaskPredictor(nnUNetPredictor):
         self.network = self.network.to(self.device).eval()
         logits_sum, probs_sum = None, None
         parameters = self.list_of_parameters or [None]  # None: the weights the network holds (validation)
-        for params in parameters:
-            if params is not None:
+        for index, params in enumerate(parameters):
+            if params is not None and index != self._loaded_parameters:  # one fold: load once, not per case
                 self._module().load_state_dict(params)
+                self._loaded_parameters = index
             with self._autocast():
                 logits, probs = self._predict_one_fold(data)
             logits_sum = logits.cpu() if logits_sum is None else logits_sum + logits.cpu()
@@ -179,11 +192,13 @@ class MultitaskPredictor(nnUNetPredictor):
         return logits_sum / n, (probs_sum / n).numpy()
 
     def _predict_one_fold(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.last_path = "sliding"
         if self._use_whole_volume(data):
             try:
+                self.last_path = "whole"
                 return self._predict_whole(data)
             except torch.OutOfMemoryError:
-                if self.verbose:
-                    print(f"whole-volume pass of shape {tuple(data.shape)} ran out of memory; using sliding window")
-                empty_cache(self.device)
+                self.last_path = "sliding (whole volume ran out of memory)"
+            # outside the except block, so that the traceback no longer holds the failed pass's tensors
+            empty_cache(self.device)
         return self._predict_sliding(data)

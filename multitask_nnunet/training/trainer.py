@@ -13,14 +13,13 @@ optimizer with poly learning rate, the segmentation loss, DDP) stays nnU-Net's. 
   works on them) with the head stored beside them under ``classification_head``.
 """
 import multiprocessing
-import os
 import warnings
 from time import sleep, time
 from typing import List, Union
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, maybe_mkdir_p, save_json
+from batchgenerators.utilities.file_and_folder_operations import join, maybe_mkdir_p, save_json
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
@@ -36,7 +35,8 @@ from torch._dynamo import OptimizedModule
 
 from multitask_nnunet.class_csv import write_class_csvs
 from multitask_nnunet.class_labels import class_labels_for_cases, class_weights, read_class_labels
-from multitask_nnunet.classification_metrics import classification_metrics, mean_probabilities_per_case
+from multitask_nnunet.case_probabilities import mean_probabilities_per_case
+from multitask_nnunet.evaluation.metrics import classification_metrics
 from multitask_nnunet.network import MultitaskUNet, merge_state_dict, split_state_dict
 from multitask_nnunet.training.logger import MultitaskLocalLogger
 
@@ -221,7 +221,7 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         per_case = mean_probabilities_per_case([k for g in gathered for k in g[0]], [p for g in gathered for p in g[1]])
         cases = sorted(per_case)
         metrics = classification_metrics([self.class_labels.label_of(c) for c in cases],
-                                         [int(np.argmax(per_case[c])) for c in cases], self.class_labels.num_classes)
+                                         [int(np.argmax(per_case[c])) for c in cases], self.class_labels.class_names)
         epoch = self.current_epoch
         self.logger.log('val_macro_f1', metrics['macro_f1'], epoch)
         self.logger.log('val_accuracy', metrics['accuracy'], epoch)
@@ -363,8 +363,9 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         write_class_csvs(folder, {c + ending: probabilities[c] for c in cases}, self.class_labels.class_names, true)
         metrics = classification_metrics([self.class_labels.label_of(c) for c in cases],
                                          [int(np.argmax(probabilities[c])) for c in cases],
-                                         self.class_labels.num_classes)
-        save_json({**metrics, 'class_names': self.class_labels.class_names}, join(folder, 'classification_summary.json'))
+                                         self.class_labels.class_names)
+        save_json({**metrics, 'n_cases': len(cases), 'class_names': self.class_labels.class_names},
+                  join(folder, 'classification_summary.json'))
         self.logger.log_summary("final_val/macro_f1", metrics['macro_f1'])
         self.print_to_log_file(f"Validation classification (per case, {len(cases)} cases): macro-F1 "
                                f"{metrics['macro_f1']:.4f}, accuracy {metrics['accuracy']:.4f}, confusion matrix "

@@ -1,0 +1,71 @@
+"""Which cases an input folder holds, which of them this part predicts, and which are already done.
+
+Inputs follow nnU-Net's channel naming ``<case>_XXXX<ending>`` (XXXX = channel index, 4 digits); the case's
+output name is ``<case><ending>`` (mask file and CSV ``Names``). Naming problems are found here, from file
+names alone, so that they fail before the model is loaded; each is reported for its case (or, if the name
+has no case, for the file), so that ``--continue-on-error`` can predict the other cases.
+"""
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+from multitask_nnunet.errors import InputError
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str                   # e.g. quiz_037
+    files: Tuple[str, ...]      # one image per channel, channel order
+    file_ending: str            # e.g. .nii.gz
+
+    @property
+    def output_name(self) -> str:
+        return self.name + self.file_ending
+
+
+def list_cases(folder: str, file_ending: str, channel_names: Dict[str, str]) -> Tuple[List[Case], Dict[str, str]]:
+    """(valid cases sorted by name, {case or file name: problem}) for the images in ``folder`` that end in
+    ``file_ending``; other files are ignored, as nnU-Net does."""
+    if not os.path.isdir(folder):
+        raise InputError(f"input folder {folder} does not exist")
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
+    channels: Dict[str, Dict[int, str]] = {}
+    problems: Dict[str, str] = {}
+    for file in sorted(f for f in os.listdir(folder) if f.endswith(file_ending) and not f.startswith(".")):
+        match = pattern.fullmatch(file)
+        if match is None:
+            problems[file[:-len(file_ending)]] = (
+                f"{os.path.join(folder, file)}: not named <case>_XXXX{file_ending} (nnU-Net channel naming, "
+                f"e.g. {file[:-len(file_ending)]}_0000{file_ending} for channel 0)")
+        else:
+            channels.setdefault(match.group(1), {})[int(match.group(2))] = os.path.join(folder, file)
+    expected = len(channel_names)
+    described = ", ".join(f"{int(k):04d}={v}" for k, v in sorted(channel_names.items(), key=lambda kv: int(kv[0])))
+    cases = []
+    for name, files in sorted(channels.items()):
+        missing = [f"{name}_{c:04d}{file_ending}" for c in range(expected) if c not in files]
+        extra = [os.path.basename(files[c]) for c in sorted(files) if c >= expected]
+        if missing or extra:
+            what = "; ".join(([f"missing {', '.join(missing)}"] if missing else []) +
+                             ([f"unexpected {', '.join(extra)}"] if extra else []))
+            problems[name] = (f"case '{name}' in {folder}: {what} (the model expects {expected} channel(s): "
+                              f"{described})")
+        else:
+            cases.append(Case(name, tuple(files[c] for c in range(expected)), file_ending))
+    if not cases and not problems:
+        raise InputError(f"input folder {folder}: no images named <case>_0000{file_ending}")
+    return cases, problems
+
+
+def part_of(names: Sequence[str], num_parts: int, part_id: int) -> List[str]:
+    """Every ``num_parts``-th name of the sorted list, starting at ``part_id`` (nnU-Net's -num_parts/-part_id)."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise InputError(f"--part-id {part_id} --num-parts {num_parts}: need num-parts >= 1 and "
+                         f"0 <= part-id < num-parts")
+    return sorted(names)[part_id::num_parts]
+
+
+def is_done(case: Case, output_folder: str, class_rows: Dict[str, object]) -> bool:
+    """Done = its mask exists and its row is in the class CSVs; both are written atomically, so both complete."""
+    return os.path.isfile(os.path.join(output_folder, case.output_name)) and case.output_name in class_rows

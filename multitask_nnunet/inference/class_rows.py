@@ -1,0 +1,72 @@
+"""The class rows of a prediction folder, kept on disk after every case so that a crash loses no finished case.
+
+Files (all written atomically, by ``class_csv.write_class_csvs``):
+
+- ``OUT_DIR/class_probabilities.csv`` + ``subtype_results.csv``: the merged result, one row per case.
+- ``OUT_DIR/parts/part_<I>/`` (same two files): what part I of a sharded run (``--num-parts``) has finished.
+  Parts never write each other's files, so they can run at the same time into one OUT_DIR.
+
+Rows found on disk are merged with the newest file winning per case (by modification time), so a later
+``--overwrite`` run, sharded or not, replaces older rows wherever they are. Rows are never dropped: rows of
+cases not in the current input stay.
+"""
+import glob
+import os
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+
+from multitask_nnunet.class_csv import PROBABILITIES_CSV, read_probabilities_csv, write_class_csvs
+
+PARTS_FOLDER = "parts"
+
+
+def part_folder(output_folder: str, part_id: int) -> str:
+    return os.path.join(output_folder, PARTS_FOLDER, f"part_{part_id}")
+
+
+def _sources(output_folder: str) -> List[str]:
+    files = [os.path.join(output_folder, PROBABILITIES_CSV)] + \
+            glob.glob(os.path.join(output_folder, PARTS_FOLDER, "part_*", PROBABILITIES_CSV))
+    return sorted((f for f in files if os.path.isfile(f)), key=os.path.getmtime)
+
+
+def known_rows(output_folder: str) -> Dict[str, np.ndarray]:
+    """``{Names: probabilities}`` from the merged CSV and all part CSVs, newest file winning per case."""
+    rows: Dict[str, np.ndarray] = {}
+    for source in _sources(output_folder):
+        rows.update(read_probabilities_csv(source))
+    return rows
+
+
+def _same(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+class ClassRows:
+    """Adds a finished case's row and rewrites this writer's CSVs at once: the merged ones for an unsharded
+    run, ``parts/part_<I>/`` (rows of this part's cases only) for part I of a sharded one."""
+
+    def __init__(self, output_folder: str, class_names: List[str], part_id: Optional[int] = None,
+                 part_cases: Iterable[str] = ()):
+        self.output_folder = output_folder
+        self.class_names = class_names
+        self.part_id = part_id
+        self.part_cases = set(part_cases)
+        self.new: Dict[str, np.ndarray] = {}
+
+    def add(self, name: str, probabilities: np.ndarray) -> None:
+        self.new[name] = probabilities
+        rows = {**known_rows(self.output_folder), **self.new}
+        if self.part_id is None:
+            write_class_csvs(self.output_folder, rows, self.class_names)
+        else:
+            mine = {n: p for n, p in rows.items() if n in self.part_cases}
+            write_class_csvs(part_folder(self.output_folder, self.part_id), mine, self.class_names)
+
+    def write_merged(self) -> None:
+        """Write the merged CSVs from every row on disk (and this run's), unless they already hold exactly that."""
+        rows = {**known_rows(self.output_folder), **self.new}
+        merged = os.path.join(self.output_folder, PROBABILITIES_CSV)
+        if not os.path.isfile(merged) or not _same(rows, read_probabilities_csv(merged)):
+            write_class_csvs(self.output_folder, rows, self.class_names)

@@ -1,0 +1,292 @@
+"""``multitask-nnunet convert`` end to end, through the real CLI and stock nnU-Net planning/preprocessing."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_MASKS = REPO.parent / "shared" / "data" / "real_masks"
+NNUNET_BIN = Path(sys.executable).parent
+DATASET_ID = 501
+
+
+# ---------------------------------------------------------------- helpers
+
+def nnunet_env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(tmp_path / var)
+    return env
+
+
+def run(args, env, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, env=env, capture_output=True, text=True, cwd=REPO)
+    if check and result.returncode != 0:
+        pytest.fail(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def convert(source: Path, env, *extra, check=True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "multitask_nnunet.cli", "convert", "-i", str(source), "-d", str(DATASET_ID),
+                "-n", "Test", *extra], env, check)
+
+
+def plan_and_preprocess(env) -> None:
+    run([str(NNUNET_BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
+         "--verify_dataset_integrity", "-np", "1", "-npfp", "1"], env)
+
+
+def raw_dataset(env) -> Path:
+    return Path(env["nnUNet_raw"]) / f"Dataset{DATASET_ID}_Test"
+
+
+def preprocessed_splits(env) -> list:
+    folder = Path(env["nnUNet_preprocessed"]) / f"Dataset{DATASET_ID}_Test"
+    return json.loads((folder / "splits_final.json").read_text())
+
+
+def hashes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def write(path: Path, array: np.ndarray, spacing=(0.8, 0.8, 2.0), like: sitk.Image = None) -> None:
+    image = sitk.GetImageFromArray(array)
+    if like is not None:
+        image.CopyInformation(like)
+    else:
+        image.SetSpacing(spacing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), True)
+
+
+def source_cases(source: Path) -> dict:
+    """{case: (split, class index)} read from the class folders, as the converter must do."""
+    return {image.name[:-len("_0000.nii.gz")]: (image.parent.parent.name, int(image.parent.name[len("subtype"):]))
+            for image in source.glob("*/subtype*/*_0000.nii.gz")}
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """Nine labelled cases (3 per class: 6 train, 3 validation) and two test images."""
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    run([sys.executable, "-m", "multitask_nnunet.cli", "make-synthetic", "-o", str(out), "--cases", "6",
+         "--validation-cases", "3", "--test-cases", "2", "--seed", "3"], None)
+    return out
+
+
+TINY_MASK = np.zeros((8, 8, 8), np.float32)
+TINY_MASK[2:6, 2:6, 2:6] = 1.0000152
+TINY_MASK[3:5, 3:5, 3:5] = 1.9999847
+TINY_CASES = [("train", "grade0", "a_01"), ("train", "grade1", "b_01"),
+              ("validation", "grade0", "a_02"), ("validation", "grade1", "b_02")]
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """Two classes in folders named grade0/grade1 (any prefix must work), 8^3 voxels, one test image."""
+    root = tmp_path / "tiny"
+    image = np.arange(512, dtype=np.int16).reshape(8, 8, 8)
+    for split, folder, case in TINY_CASES:
+        write(root / split / folder / f"{case}.nii.gz", TINY_MASK)
+        write(root / split / folder / f"{case}_0000.nii.gz", image)
+    write(root / "test" / "t_01_0000.nii.gz", image)
+    return root
+
+
+# ---------------------------------------------------------------- tests
+
+def test_synthetic_converts_and_survives_plan_and_preprocess(preprocessed):
+    """On the shared pipeline (conftest): make-synthetic -> convert -> stock nnUNetv2_plan_and_preprocess."""
+    source, out = preprocessed.source, preprocessed.raw
+    dataset = json.loads((out / "dataset.json").read_text())
+    cases = source_cases(source)
+
+    assert dataset["labels"] == {"background": 0, "foreground": [1, 2], "label_2": 2}
+    assert dataset["regions_class_order"] == [1, 2]
+    assert dataset["channel_names"] == {"0": "CT"} and dataset["file_ending"] == ".nii.gz"
+    assert dataset["numTraining"] == len(cases)
+    assert dataset["classification"] == {"class_names": ["subtype0", "subtype1", "subtype2"],
+                                         "case_labels": {c: k for c, (_, k) in sorted(cases.items())}}
+    for case, (split, k) in cases.items():
+        folder = source / split / f"subtype{k}"
+        assert (out / "imagesTr" / f"{case}_0000.nii.gz").read_bytes() == \
+            (folder / f"{case}_0000.nii.gz").read_bytes()
+        labels = read(out / "labelsTr" / f"{case}.nii.gz")
+        assert labels.dtype == np.uint8
+        np.testing.assert_array_equal(labels, np.rint(read(folder / f"{case}.nii.gz")))
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == \
+        sorted(p.name for p in (source / "test").iterdir())
+
+    original = [{"train": sorted(c for c, (s, _) in cases.items() if s == "train"),
+                 "val": sorted(c for c, (s, _) in cases.items() if s == "validation")}]
+    assert json.loads((preprocessed.preprocessed / "splits_final.json").read_text()) == original
+    assert json.loads((out / "splits_final.json").read_text()) == original
+    preprocessed_json = json.loads((preprocessed.preprocessed / "dataset.json").read_text())
+    assert preprocessed_json["classification"] == dataset["classification"]
+
+
+def test_real_masks_are_rounded_exactly(tmp_path):
+    if not REAL_MASKS.is_dir():
+        pytest.skip(f"{REAL_MASKS} not present")
+    rng = np.random.default_rng(0)
+    source = tmp_path / "source"
+    originals = {}
+    for k, split in enumerate(["train", "train", "validation"]):
+        path = min(REAL_MASKS.glob(f"quiz_{k}_*.nii.gz"), key=lambda p: p.stat().st_size)
+        mask = sitk.ReadImage(str(path))
+        values = sitk.GetArrayFromImage(mask)
+        originals[path.name] = (values.copy(), mask)
+        hit = rng.random(values.shape) < 0.02
+        values[hit] += rng.choice([1.5e-5, -1.5e-5], size=int(hit.sum())).astype(values.dtype)
+        folder = source / split / f"subtype{k}"
+        write(folder / path.name, values, like=mask)
+        write(folder / path.name.replace(".nii.gz", "_0000.nii.gz"),
+              rng.integers(-200, 300, size=values.shape, dtype=np.int16), like=mask)
+    env = nnunet_env(tmp_path)
+    convert(source, env)
+    for name, (values, mask) in originals.items():
+        written = sitk.ReadImage(str(raw_dataset(env) / "labelsTr" / name))
+        labels = sitk.GetArrayFromImage(written)
+        assert np.issubdtype(labels.dtype, np.integer)
+        np.testing.assert_array_equal(labels, np.rint(values))
+        assert (written.GetSpacing(), written.GetOrigin(), written.GetDirection()) == \
+            (mask.GetSpacing(), mask.GetOrigin(), mask.GetDirection())
+
+
+def _set_voxel(value):
+    def damage(root):
+        mask = TINY_MASK.copy()
+        mask[0, 0, 0] = value
+        write(root / "train" / "grade0" / "a_01.nii.gz", mask)
+    return damage
+
+
+BAD_INPUTS = {
+    "label 3": (_set_voxel(3.0), ["a_01.nii.gz", "contains label 3"]),
+    "non-integer": (_set_voxel(0.4), ["a_01.nii.gz", "value 0.4", "not integer labels"]),
+    "shape mismatch": (lambda root: write(root / "train" / "grade1" / "b_01_0000.nii.gz",
+                                          np.zeros((8, 8, 9), np.int16)),
+                       ["case b_01", "shape (8, 8, 9) vs (8, 8, 8)"]),
+    "spacing mismatch": (lambda root: write(root / "validation" / "grade0" / "a_02_0000.nii.gz",
+                                            np.zeros((8, 8, 8), np.int16), spacing=(0.8, 0.8, 3.0)),
+                         ["case a_02", "spacing (0.8, 0.8, 3) vs (0.8, 0.8, 2)"]),
+    "missing image": (lambda root: (root / "validation" / "grade1" / "b_02_0000.nii.gz").unlink(),
+                      ["missing image", "b_02_0000.nii.gz"]),
+    "missing mask": (lambda root: (root / "validation" / "grade1" / "b_02.nii.gz").unlink(),
+                     ["missing mask", "b_02.nii.gz", "--allow-missing-masks"]),
+    "existing target": (None, [f"Dataset{DATASET_ID}_Old already exists", "--overwrite"]),
+}
+
+
+@pytest.mark.parametrize("problem", BAD_INPUTS)
+def test_bad_input_is_refused_and_leaves_nothing(problem, tiny, tmp_path):
+    damage, expected = BAD_INPUTS[problem]
+    env = nnunet_env(tmp_path)
+    raw = Path(env["nnUNet_raw"])
+    if damage:
+        damage(tiny)
+    else:
+        (raw / f"Dataset{DATASET_ID}_Old").mkdir(parents=True)
+        (raw / f"Dataset{DATASET_ID}_Old" / "keep.txt").write_text("old")
+    result = convert(tiny, env, check=False)
+
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]           # earlier lines: the progress bar
+    assert message.startswith("multitask-nnunet convert: error: ")
+    for part in expected:
+        assert part in message
+    left = sorted(p.name for p in raw.iterdir()) if raw.exists() else []
+    assert left == ([] if damage else [f"Dataset{DATASET_ID}_Old"])
+    assert not Path(env["nnUNet_preprocessed"]).exists()
+    if not damage:
+        assert (raw / f"Dataset{DATASET_ID}_Old" / "keep.txt").read_text() == "old"
+
+
+def test_rerun_with_overwrite_is_byte_identical(synthetic, tmp_path):
+    env = nnunet_env(tmp_path)
+    convert(synthetic, env)
+    first, first_splits = hashes(raw_dataset(env)), preprocessed_splits(env)
+    (Path(env["nnUNet_preprocessed"]) / raw_dataset(env).name / "stale.json").write_text("{}")
+    convert(synthetic, env, "--overwrite")
+    assert hashes(raw_dataset(env)) == first
+    assert preprocessed_splits(env) == first_splits
+    assert sorted(p.name for p in Path(env["nnUNet_raw"]).iterdir()) == [raw_dataset(env).name]
+    assert not (Path(env["nnUNet_preprocessed"]) / raw_dataset(env).name / "stale.json").exists()
+
+
+def test_cases_without_mask_get_ignore_label(synthetic, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(synthetic, source)
+    cases = source_cases(source)
+    unmasked = [sorted(c for c, (s, _) in cases.items() if s == split)[0] for split in ("train", "validation")]
+    for case in unmasked:
+        split, k = cases[case]
+        (source / split / f"subtype{k}" / f"{case}.nii.gz").unlink()
+    env = nnunet_env(tmp_path)
+    result = convert(source, env, "--allow-missing-masks")
+    assert "2 case(s) without a mask" in result.stdout
+
+    out = raw_dataset(env)
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, "foreground": [1, 2], "label_2": 2, "ignore": 3}
+    assert set(dataset["classification"]["case_labels"]) == set(cases)
+    for case in unmasked:
+        image = sitk.ReadImage(str(out / "imagesTr" / f"{case}_0000.nii.gz"))
+        labels = sitk.ReadImage(str(out / "labelsTr" / f"{case}.nii.gz"))
+        assert np.all(sitk.GetArrayFromImage(labels) == 3)
+        assert (labels.GetSize(), labels.GetSpacing(), labels.GetOrigin()) == \
+            (image.GetSize(), image.GetSpacing(), image.GetOrigin())
+    plan_and_preprocess(env)
+
+
+def test_stratified_folds(synthetic, tmp_path):
+    env = nnunet_env(tmp_path)
+    convert(synthetic, env, "--folds", "3")
+    cases = source_cases(synthetic)
+    splits = preprocessed_splits(env)
+    assert len(splits) == 3
+    assert sorted(c for fold in splits for c in fold["val"]) == sorted(cases)
+    for fold in splits:
+        assert sorted(fold["train"] + fold["val"]) == sorted(cases)
+        assert sorted(cases[c][1] for c in fold["val"]) == [0, 1, 2]
+    assert json.loads((raw_dataset(env) / "splits_final.json").read_text()) == splits
+
+
+def test_labels_json_channels_and_quiz_script(tiny, tmp_path):
+    env = nnunet_env(tmp_path)
+    spec = tmp_path / "labels.json"
+    spec.write_text(json.dumps({"labels": {"background": 0, "organ": 1, "tumour": 2}}))
+    convert(tiny, env, "--labels-json", str(spec), "--channel-names", "MRI")
+    dataset = json.loads((raw_dataset(env) / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, "organ": 1, "tumour": 2}
+    assert "regions_class_order" not in dataset and dataset["channel_names"] == {"0": "MRI"}
+    assert dataset["classification"]["class_names"] == ["grade0", "grade1"]
+    assert dataset["classification"]["case_labels"] == {"a_01": 0, "a_02": 0, "b_01": 1, "b_02": 1}
+
+    run([sys.executable, str(REPO / "dataset_conversion" / "convert_pancreas_quiz.py"), "-i", str(tiny),
+         "-d", str(DATASET_ID), "-n", "Test", "--overwrite"], env)
+    dataset = json.loads((raw_dataset(env) / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, "whole_pancreas": [1, 2], "pancreas_lesion": 2}
+    assert dataset["regions_class_order"] == [1, 2]
+
+
+def test_unset_nnunet_raw_is_named(tiny, tmp_path):
+    env = nnunet_env(tmp_path)
+    del env["nnUNet_raw"]
+    result = convert(tiny, env, check=False)
+    assert result.returncode == 1
+    assert "nnUNet_raw is not set" in result.stderr

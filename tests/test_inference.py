@@ -1,0 +1,209 @@
+"""``multitask-nnunet predict`` through its CLI, on the session's tiny trained model (conftest.py): outputs and
+their geometry, whole-volume vs sliding window, classification, resuming, bad input, real CT sizes, sharding."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from cli import ours, run
+
+REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct"
+REAL_CASES = ("quiz_512", "quiz_130")  # the two smallest, one with 3 mm slices (anisotropic resampling)
+
+
+def predict_cmd(pipeline, input_dir, output_dir, *extra) -> list:
+    return ours("predict", "-i", input_dir, "-o", output_dir, "-m", pipeline.results, "--device", "cpu", *extra)
+
+
+def predict(pipeline, input_dir, output_dir, *extra, check=True) -> subprocess.CompletedProcess:
+    return run(predict_cmd(pipeline, input_dir, output_dir, *extra), pipeline.env, check=check)
+
+
+def read_csv(path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def probabilities(folder) -> dict:
+    rows = read_csv(folder / "class_probabilities.csv")
+    return {r[0]: np.array([float(v) for v in r[2:]]) for r in rows[1:]}
+
+
+def mtimes(folder) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 1.0 if not (a.any() or b.any()) else 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def assert_same_geometry(image: sitk.Image, mask: sitk.Image):
+    assert mask.GetSize() == image.GetSize()
+    for get in (sitk.Image.GetSpacing, sitk.Image.GetOrigin, sitk.Image.GetDirection):
+        np.testing.assert_allclose(get(mask), get(image), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def test_prediction(trained, tmp_path_factory) -> Path:
+    """The synthetic test images predicted with the defaults (whole volume, no TTA)."""
+    out = tmp_path_factory.mktemp("predict") / "test"
+    predict(trained, trained.source / "test", out)
+    return out
+
+
+def test_outputs_geometry_and_csvs(trained, test_prediction):
+    images = sorted((trained.source / "test").glob("*_0000.nii.gz"))
+    names = [p.name.replace("_0000", "") for p in images]
+    for image_path, name in zip(images, names):
+        mask = sitk.ReadImage(str(test_prediction / name))
+        assert_same_geometry(sitk.ReadImage(str(image_path)), mask)
+        assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1, 2}
+    results = read_csv(test_prediction / "subtype_results.csv")
+    assert results[0] == ["Names", "Subtype"]
+    assert sorted(r[0] for r in results[1:]) == names
+    probs = probabilities(test_prediction)
+    assert sorted(probs) == names
+    for row in results[1:]:
+        assert abs(probs[row[0]].sum() - 1) < 1e-4 and int(row[1]) == int(np.argmax(probs[row[0]]))
+
+
+def test_classification_above_chance(trained, test_prediction):
+    truth = {r[0]: int(r[1]) for r in read_csv(trained.source / "test_labels" / "classes.csv")[1:]}
+    predicted = {r[0]: int(r[1]) for r in read_csv(test_prediction / "subtype_results.csv")[1:]}
+    accuracy = np.mean([predicted[name] == label for name, label in truth.items()])
+    assert accuracy >= 0.6, f"accuracy {accuracy:.2f} on the synthetic test cases (chance: 1/3)"
+
+
+def test_resume_skips_done_cases_and_overwrite_redoes_them(trained, test_prediction, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(test_prediction, out)
+    before = mtimes(out)
+    n = len(before) - 2  # masks
+    rerun = predict(trained, trained.source / "test", out)
+    assert f"{n} case(s): 0 to predict, {n} already done and skipped" in rerun.stdout
+    assert mtimes(out) == before
+
+    redo = sorted(n for n in before if n.endswith(".nii.gz"))[2]
+    (out / redo).unlink()
+    rerun = predict(trained, trained.source / "test", out)
+    assert f"{n} case(s): 1 to predict, {n - 1} already done and skipped" in rerun.stdout
+    after = mtimes(out)
+    assert {n for n in after if after[n] != before[n]} == {redo, "subtype_results.csv", "class_probabilities.csv"}
+    assert len(probabilities(out)) == n
+
+    rerun = predict(trained, trained.source / "test", out, "--overwrite")
+    assert f"{n} case(s): {n} to predict, 0 already done" in rerun.stdout
+    assert all(mtime != after[n] for n, mtime in mtimes(out).items())
+
+
+def test_whole_volume_and_sliding_window_agree(trained, tmp_path):
+    """On a volume smaller than the patch; the whole-volume pass pads to the patch as the sliding window does."""
+    plans = json.loads((trained.results / "plans.json").read_text())
+    patch_zyx = plans["configurations"]["3d_fullres"]["patch_size"]
+    image_path = sorted((trained.source / "test").glob("*_0000.nii.gz"))[0]
+    image = sitk.ReadImage(str(image_path))
+    lesion = np.argwhere(sitk.GetArrayFromImage(sitk.ReadImage(str(
+        trained.source / "test_labels" / image_path.name.replace("_0000", "")))) == 2).mean(0)[::-1]  # x, y, z
+    size = [min(s, p * 3 // 4) for s, p in zip(image.GetSize(), patch_zyx[::-1])]
+    start = [int(np.clip(c - n // 2, 0, s - n)) for c, n, s in zip(lesion, size, image.GetSize())]
+    (tmp_path / "small").mkdir()
+    sitk.WriteImage(sitk.RegionOfInterest(image, size, start), str(tmp_path / "small" / image_path.name))
+
+    logs = {mode: predict(trained, tmp_path / "small", tmp_path / mode, "--mode", mode).stdout
+            for mode in ("whole", "sliding")}
+    assert "(whole," in logs["whole"] and "(sliding," in logs["sliding"]
+    name = image_path.name.replace("_0000", "")
+    whole, sliding = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / m / name))) for m in ("whole", "sliding"))
+    for labels in ((1, 2), (2,)):  # the pancreas region (pancreas + lesion) and the lesion
+        assert dice(np.isin(whole, labels), np.isin(sliding, labels)) >= 0.95
+    np.testing.assert_allclose(probabilities(tmp_path / "whole")[name], probabilities(tmp_path / "sliding")[name],
+                               atol=1e-3)
+
+
+def write_bad_inputs(folder: Path, good: Path) -> dict:
+    """One good case and one of each kind of bad input; returns {kind: text its message must hold}."""
+    folder.mkdir()
+    shutil.copy(good, folder / "a_good_0000.nii.gz")
+    (folder / "b_unreadable_0000.nii.gz").write_bytes(b"this is not an image" * 20)
+    image = sitk.ReadImage(str(good))
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array[array.shape[0] // 2, 5, 5] = np.nan
+    nan_image = sitk.GetImageFromArray(array)
+    nan_image.CopyInformation(image)
+    sitk.WriteImage(nan_image, str(folder / "c_nan_0000.nii.gz"))
+    shutil.copy(good, folder / "d_no_channel_suffix.nii.gz")
+    shutil.copy(good, folder / "e_wrong_channel_0001.nii.gz")
+    return {"unreadable": f"{folder / 'b_unreadable_0000.nii.gz'}: cannot read image",
+            "nan": f"{folder / 'c_nan_0000.nii.gz'}: image contains NaN",
+            "naming": f"{folder / 'd_no_channel_suffix.nii.gz'}: not named <case>_XXXX.nii.gz",
+            "channels": "case 'e_wrong_channel'"}
+
+
+def test_bad_inputs(trained, tmp_path):
+    good = sorted((trained.source / "test").glob("*_0000.nii.gz"))[0]
+    expected = write_bad_inputs(tmp_path / "bad", good)
+
+    # naming problems are found from the file names, before the model is loaded
+    result = predict(trained, tmp_path / "bad", tmp_path / "out", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"multitask-nnunet predict: error: {expected['naming']} "
+                                                  f"(nnU-Net channel naming, e.g. d_no_channel_suffix_0000.nii.gz "
+                                                  f"for channel 0)"]
+    assert not (tmp_path / "out").exists()
+
+    # --continue-on-error: the good case is predicted, every failure reported on its own line
+    result = predict(trained, tmp_path / "bad", tmp_path / "out", "--continue-on-error", check=False)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("multitask-nnunet predict: error: ")]
+    assert len(errors) == 4
+    for kind, text in expected.items():
+        assert sum(text in line for line in errors) == 1, kind
+    assert "missing e_wrong_channel_0000.nii.gz" in result.stderr
+    assert (tmp_path / "out" / "a_good.nii.gz").is_file()
+    assert list(probabilities(tmp_path / "out")) == ["a_good.nii.gz"]
+
+    # without it, the first bad case stops the run; the cases finished before it are kept
+    for name in ("d_no_channel_suffix.nii.gz", "e_wrong_channel_0001.nii.gz", "c_nan_0000.nii.gz"):
+        (tmp_path / "bad" / name).unlink()
+    result = predict(trained, tmp_path / "bad", tmp_path / "out2", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"multitask-nnunet predict: error: "
+                                                             f"{expected['unreadable']}")
+    assert list(probabilities(tmp_path / "out2")) == ["a_good.nii.gz"]
+
+
+@pytest.mark.skipif(not all((REAL_CT / f"{c}_0000.nii.gz").is_file() for c in REAL_CASES),
+                    reason="../shared/data/real_ct not available")
+def test_real_ct_sizes(trained, tmp_path):
+    (tmp_path / "in").mkdir()
+    for case in REAL_CASES:
+        os.symlink(REAL_CT / f"{case}_0000.nii.gz", tmp_path / "in" / f"{case}_0000.nii.gz")
+    predict(trained, tmp_path / "in", tmp_path / "out")
+    for case in REAL_CASES:
+        mask = sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz"))
+        assert_same_geometry(sitk.ReadImage(str(REAL_CT / f"{case}_0000.nii.gz")), mask)
+        assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1, 2}
+    assert sorted(probabilities(tmp_path / "out")) == [f"{c}.nii.gz" for c in REAL_CASES]
+
+
+def test_two_parts_at_once_cover_every_case_once(trained, tmp_path):
+    out = tmp_path / "out"
+    parts = [subprocess.Popen(predict_cmd(trained, trained.source / "test", out, "--num-parts", "2",
+                                          "--part-id", str(i)),
+                              env={**os.environ, **trained.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, stdin=subprocess.DEVNULL) for i in (0, 1)]
+    logs = [p.communicate(timeout=600) for p in parts]
+    assert [p.returncode for p in parts] == [0, 0], logs
+    names = sorted(p.name.replace("_0000", "") for p in (trained.source / "test").glob("*_0000.nii.gz"))
+    per_part = [set(probabilities(out / "parts" / f"part_{i}")) for i in (0, 1)]
+    assert not per_part[0] & per_part[1] and sorted(per_part[0] | per_part[1]) == names
+    assert sum("every case of the input is done: wrote the merged CSVs" in log for log, _ in logs) >= 1
+    assert sorted(probabilities(out)) == names
+    assert sorted(r[0] for r in read_csv(out / "subtype_results.csv")[1:]) == names
+    assert all((out / n).is_file() for n in names)
