@@ -5,7 +5,10 @@ Same model, same input cases, same device:
 1. stock ``nnUNetPredictor`` at its defaults (sliding window, step 0.5, mirroring on) through
    ``predict_from_files`` with nnUNetv2_predict's default 3 preprocessing and 3 export processes;
 2. ours with mirroring TTA (default mode: whole volume when it fits), i.e. the same TTA work as stock;
-3. ours at its defaults (whole volume, no TTA).
+3. ours at its defaults (whole volume, no TTA);
+4. with ``--also-sliding``: ours with stock's algorithm (sliding window, step 0.5, TTA), which separates what
+   the pipeline (background I/O, export on torch) gains from what the whole-volume pass gains, and whose
+   agreement with stock shows that preprocessing and export match nnU-Net's.
 
 Each method first predicts one case untimed (warm-up), then all cases timed. Stock's time excludes loading
 the model; ours includes it (``predict_folder`` loads the model itself), so ours is if anything overstated.
@@ -34,6 +37,7 @@ from multitask_nnunet.inference.cases import list_cases
 from multitask_nnunet.registration import ext_trainer_path
 
 STOCK, OURS_TTA, OURS = "stock nnU-Net (sliding, TTA)", "ours, TTA (whole volume)", "ours, default (no TTA)"
+OURS_SLIDING = "ours, sliding + TTA (as stock)"
 
 
 def link_cases(cases, folder: str) -> str:
@@ -63,12 +67,12 @@ def run_stock(model_dir, folds, checkpoint, device, cases, out_dir):
     return time.perf_counter() - start, predictor.configuration_manager.patch_size
 
 
-def run_ours(model_dir, folds, checkpoint, device, work, out_dir, tta) -> float:
+def run_ours(model_dir, folds, checkpoint, device, work, out_dir, tta, mode="auto") -> float:
     predict_folder(os.path.join(work, "warmup_input"), out_dir + "_warmup", model_dir, folds, checkpoint,
-                   str(device), tta=tta, progress=False)
+                   str(device), tta=tta, mode=mode, progress=False)
     start = time.perf_counter()
     predict_folder(os.path.join(work, "input"), out_dir, model_dir, folds, checkpoint, str(device), tta=tta,
-                   progress=False)
+                   mode=mode, progress=False)
     return time.perf_counter() - start
 
 
@@ -89,8 +93,14 @@ def main(argv=None) -> int:
     parser.add_argument("--folds", nargs="+", help="default: every fold with the checkpoint")
     parser.add_argument("--checkpoint", default="checkpoint_final.pth")
     parser.add_argument("--max-cases", type=int, metavar="N", help="only the first N cases (sorted by name)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads of this process (default: torch's); e.g. 1 on a busy shared CPU, where "
+                             "OpenMP threads waiting for each other slow every network pass down")
+    parser.add_argument("--also-sliding", action="store_true", help="also time ours with stock's algorithm")
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ["nnUNet_extTrainer"] = ext_trainer_path()  # so that stock nnU-Net finds our trainer class
 
     model_dir, device = os.path.abspath(args.m), torch.device(args.device)
@@ -106,13 +116,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         link_cases(cases, os.path.join(work, "input"))
         link_cases(cases[:1], os.path.join(work, "warmup_input"))
-        out = {k: os.path.join(work, k) for k in ("stock", "ours_tta", "ours")}
+        out = {k: os.path.join(work, k) for k in ("stock", "ours_tta", "ours", "ours_sliding")}
         stock_seconds, patch_size = run_stock(model_dir, folds, args.checkpoint, device, cases, out["stock"])
         seconds = {STOCK: stock_seconds,
                    OURS_TTA: run_ours(model_dir, folds, args.checkpoint, device, work, out["ours_tta"], True),
                    OURS: run_ours(model_dir, folds, args.checkpoint, device, work, out["ours"], False)}
-        dice = {OURS_TTA: agreement(out["stock"], out["ours_tta"], cases, spec.regions, spec.ignore_label),
-                OURS: agreement(out["stock"], out["ours"], cases, spec.regions, spec.ignore_label)}
+        if args.also_sliding:
+            seconds[OURS_SLIDING] = run_ours(model_dir, folds, args.checkpoint, device, work, out["ours_sliding"],
+                                             True, "sliding")
+        dice = {method: agreement(out["stock"], out[key], cases, spec.regions, spec.ignore_label)
+                for method, key in ((OURS_TTA, "ours_tta"), (OURS, "ours"), (OURS_SLIDING, "ours_sliding"))
+                if method in seconds}
         classes = {k: {n: int(np.argmax(p)) for n, p in read_probabilities_csv(
             os.path.join(out[k], PROBABILITIES_CSV)).items()} for k in ("ours_tta", "ours")}
     same_class = sum(classes["ours_tta"][c.output_name] == classes["ours"][c.output_name] for c in cases)

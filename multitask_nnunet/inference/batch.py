@@ -199,7 +199,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("-c", metavar="CONFIGURATION", help="with -d: configuration, e.g. 3d_fullres")
     p.add_argument("-tr", default=DEFAULT_TRAINER, metavar="TRAINER", help=f"with -d (default {DEFAULT_TRAINER})")
     p.add_argument("-p", default=DEFAULT_PLANS, metavar="PLANS", help=f"with -d (default {DEFAULT_PLANS})")
-    p.add_argument("-f", nargs="+", metavar="FOLD", help="folds to ensemble (default: every fold_N with the checkpoint)")
+    p.add_argument("-f", nargs="+", metavar="FOLD",
+                   help="folds to ensemble (default: every fold_N with the checkpoint)")
     p.add_argument("-chk", default="checkpoint_final.pth", metavar="CHECKPOINT",
                    help="checkpoint file name (default checkpoint_final.pth)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else cpu")

@@ -76,10 +76,11 @@ def _check_float_nifti_is_finite(file: str) -> None:
         return
     try:
         image = nibabel.load(file)
-        if image.get_data_dtype().kind == "f" and not np.isfinite(np.asanyarray(image.dataobj)).all():
-            raise InputError(_NOT_FINITE.format(file))
-    except (nibabel.filebasedimages.ImageFileError, OSError, EOFError, ValueError):
-        return  # not readable by nibabel: the image reader says what is wrong with it
+        finite = image.get_data_dtype().kind != "f" or np.isfinite(np.asanyarray(image.dataobj)).all()
+    except Exception:  # not readable by nibabel: the image reader says what is wrong with it
+        return
+    if not finite:
+        raise InputError(_NOT_FINITE.format(file))
 
 
 def _one_line(error: Exception) -> str:

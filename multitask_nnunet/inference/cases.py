@@ -32,7 +32,9 @@ def list_cases(folder: str, file_ending: str, channel_names: Dict[str, str]) -> 
     pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
     channels: Dict[str, Dict[int, str]] = {}
     problems: Dict[str, str] = {}
-    for file in sorted(f for f in os.listdir(folder) if f.endswith(file_ending) and not f.startswith(".")):
+    images = [f for f in os.listdir(folder)  # hidden files are left out: e.g. atomic writes' .tmp_ files
+              if f.endswith(file_ending) and not f.startswith(".") and os.path.isfile(os.path.join(folder, f))]
+    for file in sorted(images):
         match = pattern.fullmatch(file)
         if match is None:
             problems[file[:-len(file_ending)]] = (

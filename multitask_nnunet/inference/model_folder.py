@@ -19,11 +19,13 @@ def resolve_model_folder(model_dir: Optional[str] = None, dataset: Optional[str]
     if model_dir is None:
         if configuration is None:
             raise InputError(f"-d {dataset}: -c CONFIGURATION is required too (e.g. -c 3d_fullres)")
+        if not os.environ.get("nnUNet_results"):
+            raise InputError(f"-d {dataset}: nnUNet_results is not set (or give the model folder with -m)")
         from nnunetv2.utilities.file_path_utilities import get_output_folder
         try:
             model_dir = get_output_folder(dataset, trainer, plans, configuration)
         except (RuntimeError, ValueError) as e:
-            raise InputError(f"-d {dataset}: {str(e).splitlines()[0]}") from None
+            raise InputError(f"-d {dataset}: {str(e).split('. ')[0]}") from None
     model_dir = os.fspath(model_dir)
     for required in ("dataset.json", "plans.json"):
         if not os.path.isfile(os.path.join(model_dir, required)):

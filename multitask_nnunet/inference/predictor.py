@@ -58,6 +58,10 @@ class MultitaskPredictor(nnUNetPredictor):
             raise InputError(f"--mode must be one of {MODES}, got '{mode}'")
         self.mode = mode
         self.max_whole_volume_voxels = max_whole_volume_voxels
+        if device.type == "cuda" and mode != "sliding":
+            # nnU-Net turns cuDNN's autotuner on for its fixed-size tiles; whole volumes have a new shape nearly
+            # every case, and re-tuning each one would cost more than it saves
+            torch.backends.cudnn.benchmark = False
         self.class_names: Optional[List[str]] = None
         self.last_path: Optional[str] = None
         self._loaded_parameters: Optional[int] = None  # index into list_of_parameters held by the network
