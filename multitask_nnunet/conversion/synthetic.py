@@ -37,12 +37,12 @@ CLASS_CSV = "classes.csv"
 LESION_APPEARANCES: List[Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = [
     lambda r, y, x: np.full(r.shape, DARK_HU),
     lambda r, y, x: np.full(r.shape, BRIGHT_HU),
-    lambda r, y, x: np.where(r > 0.55, BRIGHT_HU, DARK_HU),
+    lambda r, y, x: np.where(r > 0.8, BRIGHT_HU, DARK_HU),  # thin bright rim: mean near the pancreas
     lambda r, y, x: np.where((y // 2 + x // 2) % 2 == 0, BRIGHT_HU, DARK_HU),
 ]
 
 
-def make_synthetic_dataset(out_dir, cases: int = 18, validation_cases: int = 6, test_cases: int = 6,
+def make_synthetic_dataset(out_dir, cases: int = 18, validation_cases: int = 9, test_cases: int = 6,
                            classes: int = 3, seed: int = 0, overwrite: bool = False) -> Path:
     """Write the dataset described in the module docstring to ``out_dir`` and return it.
 
@@ -96,7 +96,7 @@ def _make_case(rng: np.random.Generator, class_index: int) -> Tuple[sitk.Image, 
     mm_per_voxel = np.array(SPACING[::-1])
     pancreas_axes = rng.uniform((14, 15, 16), (22, 20, 20)) / mm_per_voxel  # ~15% of the crop, like the quiz
     pancreas_center = [rng.uniform(a + 2, n - a - 2) for a, n in zip(pancreas_axes, shape)]
-    lesion_axes = rng.uniform(6.0, 9.0, size=3) / mm_per_voxel
+    lesion_axes = rng.uniform(8.0, 11.0, size=3) / mm_per_voxel
     lesion_center = [c + rng.uniform(-0.5, 0.5) * (p - l)
                      for c, p, l in zip(pancreas_center, pancreas_axes, lesion_axes)]
     in_pancreas = _ellipsoid_radius(shape, pancreas_center, pancreas_axes) <= 1
@@ -140,7 +140,7 @@ def add_parser(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="folder to create")
     p.add_argument("--cases", type=int, default=18, metavar="N", help="train cases, balanced over classes (18)")
-    p.add_argument("--validation-cases", type=int, default=6, metavar="N", help="validation cases (6)")
+    p.add_argument("--validation-cases", type=int, default=9, metavar="N", help="validation cases (9)")
     p.add_argument("--test-cases", type=int, default=6, metavar="M", help="test cases, images only (6)")
     p.add_argument("--classes", type=int, default=3, metavar="K",
                    help=f"number of classes, 2 to {len(LESION_APPEARANCES)} (3)")

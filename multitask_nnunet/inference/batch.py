@@ -209,7 +209,8 @@ def add_parser(subparsers) -> None:
                    help="auto (default): whole volume in one pass when it has at most --max-whole-voxels "
                         "voxels after preprocessing, else (or when CUDA runs out of memory) sliding window")
     p.add_argument("--max-whole-voxels", type=int, metavar="N",
-                   help="largest preprocessed volume for a whole-volume pass in auto mode (default 64*256*256)")
+                   help="largest preprocessed volume (voxels) for a whole-volume pass in auto mode (default: twice "
+                        "the patch's voxels)")
     p.add_argument("--overwrite", action="store_true", help="predict cases that are already done again")
     p.add_argument("--num-parts", type=int, default=1, metavar="N", help="split the cases into N parts ...")
     p.add_argument("--part-id", type=int, default=0, metavar="I", help="... and predict part I (0 <= I < N)")
