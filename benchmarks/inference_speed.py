@@ -36,7 +36,7 @@ from multitask_nnunet.inference.batch import predict_folder
 from multitask_nnunet.inference.cases import list_cases
 from multitask_nnunet.registration import ext_trainer_path
 
-STOCK, OURS_TTA, OURS = "stock nnU-Net (sliding, TTA)", "ours, TTA (whole volume)", "ours, default (no TTA)"
+STOCK, OURS_TTA, OURS = "stock nnU-Net (sliding, TTA)", "ours, auto mode + TTA", "ours, default (auto, no TTA)"
 OURS_SLIDING = "ours, sliding + TTA (as stock)"
 
 
