@@ -6,7 +6,7 @@ a label the dataset does not declare or a mask whose grid differs from its image
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,16 +37,22 @@ def read_geometry(path: Path) -> Geometry:
                     reader.GetDirection())
 
 
-def check_same_grid(case: str, first: Path, first_geometry: Geometry, second: Path, second_geometry: Geometry):
+def grid_differences(first: Geometry, second: Geometry) -> List[Tuple[str, tuple, tuple]]:
+    """``(field, first value, second value)`` for each field in which two grids differ beyond tolerance; the
+    converter and the evaluator share it, so they accept the same grids."""
     differences = []
-    if first_geometry.shape != second_geometry.shape:
-        differences.append(f"shape {first_geometry.shape} vs {second_geometry.shape}")
-    for field in ("spacing", "origin", "direction"):
-        a, b = getattr(first_geometry, field), getattr(second_geometry, field)
+    for field in ("shape", "spacing", "origin", "direction"):
+        a, b = getattr(first, field), getattr(second, field)
         if len(a) != len(b) or not np.allclose(a, b, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE):
-            differences.append(f"{field} {_fmt(a)} vs {_fmt(b)}")
+            differences.append((field, a, b))
+    return differences
+
+
+def check_same_grid(case: str, first: Path, first_geometry: Geometry, second: Path, second_geometry: Geometry):
+    differences = grid_differences(first_geometry, second_geometry)
     if differences:
-        raise InputError(f"case {case}: {first.name} and {second.name} differ in " + "; ".join(differences))
+        raise InputError(f"case {case}: {first.name} and {second.name} differ in " +
+                         "; ".join(f"{field} {format_values(a)} vs {format_values(b)}" for field, a, b in differences))
 
 
 def integer_label_map(mask: Path, allowed: Sequence[int]) -> sitk.Image:
@@ -90,7 +96,7 @@ def _label_image(values: np.ndarray, max_label: int, grid: sitk.Image) -> sitk.I
     return out
 
 
-def _fmt(values) -> str:
+def format_values(values) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 

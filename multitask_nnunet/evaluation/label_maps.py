@@ -7,18 +7,17 @@ accepts as a mask on its image's grid is accepted here too, including the quiz's
 import numpy as np
 import SimpleITK as sitk
 
-from multitask_nnunet.conversion.masks import GEOMETRY_TOLERANCE, VALUE_TOLERANCE, read_geometry
+from multitask_nnunet.conversion.masks import VALUE_TOLERANCE, format_values, grid_differences, read_geometry
 from multitask_nnunet.errors import InputError
 
 
 def check_same_geometry(case: str, gt_file: str, pred_file: str) -> None:
     """Headers only, so that a mismatch is reported before any voxel is read."""
-    gt, pred = read_geometry(gt_file), read_geometry(pred_file)
-    for field in ("shape", "spacing", "origin", "direction"):
-        a, b = getattr(gt, field), getattr(pred, field)
-        if len(a) != len(b) or not np.allclose(a, b, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE):
-            raise InputError(f"case '{case}': prediction {pred_file} has {field} {_fmt(b)} but ground truth "
-                             f"{gt_file} has {_fmt(a)}")
+    differences = grid_differences(read_geometry(gt_file), read_geometry(pred_file))
+    if differences:
+        field, a, b = differences[0]
+        raise InputError(f"case '{case}': prediction {pred_file} has {field} {format_values(b)} but ground truth "
+                         f"{gt_file} has {format_values(a)}")
 
 
 def read_label_map(path: str) -> np.ndarray:
@@ -31,6 +30,3 @@ def read_label_map(path: str) -> np.ndarray:
         raise InputError(f"{path}: label map holds values that are not integer labels")
     return rounded.astype(np.int32)
 
-
-def _fmt(values) -> str:
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
