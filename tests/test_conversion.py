@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from cli import nnunet, ours, run
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_MASKS = REPO.parent / "shared" / "data" / "real_masks"
-NNUNET_BIN = Path(sys.executable).parent
 DATASET_ID = 501
 
 
@@ -26,21 +27,13 @@ def nnunet_env(tmp_path: Path) -> dict:
     return env
 
 
-def run(args, env, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, env=env, capture_output=True, text=True, cwd=REPO)
-    if check and result.returncode != 0:
-        pytest.fail(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
 def convert(source: Path, env, *extra, check=True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "multitask_nnunet.cli", "convert", "-i", str(source), "-d", str(DATASET_ID),
-                "-n", "Test", *extra], env, check)
+    return run(ours("convert", "-i", source, "-d", DATASET_ID, "-n", "Test", *extra), env, check=check)
 
 
 def plan_and_preprocess(env) -> None:
-    run([str(NNUNET_BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
-         "--verify_dataset_integrity", "-np", "1", "-npfp", "1"], env)
+    run(nnunet("nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres",
+               "--verify_dataset_integrity", "-np", "1", "-npfp", "1"), env)
 
 
 def raw_dataset(env) -> Path:
@@ -83,8 +76,8 @@ def source_cases(source: Path) -> dict:
 def synthetic(tmp_path_factory) -> Path:
     """Nine labelled cases (3 per class: 6 train, 3 validation) and two test images."""
     out = tmp_path_factory.mktemp("synthetic") / "data"
-    run([sys.executable, "-m", "multitask_nnunet.cli", "make-synthetic", "-o", str(out), "--cases", "6",
-         "--validation-cases", "3", "--test-cases", "2", "--seed", "3"], None)
+    run(ours("make-synthetic", "-o", out, "--cases", "6", "--validation-cases", "3", "--test-cases", "2",
+             "--seed", "3"), {})
     return out
 
 

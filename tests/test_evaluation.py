@@ -10,12 +10,12 @@ True classes 0,0,1,1,2,2; predicted 0,1,1,1,2,0 -> confusion matrix [[1,1,0],[0,
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
+from cli import ours, run
 
 CASES = ["quiz_0_001", "quiz_0_002", "quiz_1_003", "quiz_1_004", "quiz_2_005", "quiz_2_006"]
 TRUE = [0, 0, 1, 1, 2, 2]
@@ -90,8 +90,7 @@ def write_raw_dataset(root, labels, extra_case=None):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "multitask_nnunet.cli", "evaluate", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return run(ours("evaluate", *args), {}, timeout=120, check=False)
 
 
 def test_quiz_layout_default_regions_cli(tmp_path):

@@ -2,19 +2,18 @@
 import csv
 import hashlib
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parents[1]
+from cli import ours, run
+
 
 
 def make_synthetic(out: Path, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "multitask_nnunet.cli", "make-synthetic", "-o", str(out),
-                           "--cases", "4", "--validation-cases", "2", "--test-cases", "2", "--classes", "2", *extra],
-                          capture_output=True, text=True, cwd=REPO)
+    return run(ours("make-synthetic", "-o", out, "--cases", "4", "--validation-cases", "2", "--test-cases", "2",
+                    "--classes", "2", *extra), {}, check=False)
 
 
 def hashes(folder: Path) -> dict:
