@@ -1,6 +1,23 @@
-"""Inference speed and agreement: stock nnU-Net vs ``multitask-nnunet predict``, paired, in one process.
+"""Inference speed and agreement: stock nnU-Net vs ``multitask-nnunet predict``, paired.
 
-Same model, same input cases, same device:
+Two modes, same model, same input cases, same device.
+
+``--end-to-end``: the whole commands, each a subprocess timed by its wall clock (process start, imports, model
+load, every case, exit), on one folder:
+
+1. stock ``nnUNetv2_predict_from_modelfolder`` (nnUNetv2_predict's code for a model folder) at its defaults:
+   sliding window, step 0.5, mirroring, 3 preprocessing and 3 export processes;
+2. the same with ``--disable_tta``;
+3. ``multitask-nnunet predict`` at its defaults (whole volume when it fits, no TTA);
+4. the same with ``--tta``.
+
+It prints the speed-ups (against stock's default, and against stock at the same TTA setting: ours default vs
+stock ``--disable_tta``, ours ``--tta`` vs stock's default), our per-stage time breakdown (from ``--profile``),
+and the Dice of each of ours against stock at the same TTA setting. Before the timed runs, the input files and
+the libraries are read once (untimed), so that no command pays for a cold disk cache that another does not;
+with ``--repeats N`` every command runs N times (interleaved) and the median counts.
+
+Without ``--end-to-end``, in one process (the model load and imports excluded from stock's time):
 
 1. stock ``nnUNetPredictor`` at its defaults (sliding window, step 0.5, mirroring on) through
    ``predict_from_files`` with nnUNetv2_predict's default 3 preprocessing and 3 export processes;
@@ -15,11 +32,15 @@ the model; ours includes it (``predict_folder`` loads the model itself), so ours
 Agreement: Dice per region (the model's dataset.json labels) between each of ours and stock's masks, mean
 over cases (a region empty in both counts as 1); class agreement between ours-TTA and ours-default.
 
-Usage: python benchmarks/inference_speed.py -m MODEL_DIR -i INPUT_DIR [--device cpu] [--max-cases 5] [--json F]
+Usage: python benchmarks/inference_speed.py -m MODEL_DIR -i INPUT_DIR [--end-to-end] [--device cpu] [--max-cases 5]
+       [--json F]
 """
 import argparse
 import json
 import os
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +53,10 @@ from multitask_nnunet.class_csv import PROBABILITIES_CSV, read_probabilities_csv
 from multitask_nnunet.evaluation.label_maps import read_label_map
 from multitask_nnunet.evaluation.metrics import case_dice
 from multitask_nnunet.evaluation.regions import regions_from_labels
-from multitask_nnunet.inference.batch import predict_folder
+from multitask_nnunet.inference.batch import BatchOptions, PredictorOptions, predict_folder
 from multitask_nnunet.inference.cases import list_cases
-from multitask_nnunet.registration import ext_trainer_path
+from multitask_nnunet.inference.timing import STAGES
+from multitask_nnunet.registration import environment_with_trainers, ext_trainer_path
 
 STOCK, OURS_TTA, OURS = "stock nnU-Net (sliding, TTA)", "ours, auto mode + TTA", "ours, default (auto, no TTA)"
 OURS_SLIDING = "ours, sliding + TTA (as stock)"
@@ -68,11 +90,10 @@ def run_stock(model_dir, folds, checkpoint, device, cases, out_dir):
 
 
 def run_ours(model_dir, folds, checkpoint, device, work, out_dir, tta, mode="auto") -> float:
-    predict_folder(os.path.join(work, "warmup_input"), out_dir + "_warmup", model_dir, folds, checkpoint,
-                   str(device), tta=tta, mode=mode, progress=False)
+    options = BatchOptions(PredictorOptions(folds, checkpoint, str(device), tta, mode), progress=False)
+    predict_folder(os.path.join(work, "warmup_input"), out_dir + "_warmup", model_dir, options)
     start = time.perf_counter()
-    predict_folder(os.path.join(work, "input"), out_dir, model_dir, folds, checkpoint, str(device), tta=tta,
-                   mode=mode, progress=False)
+    predict_folder(os.path.join(work, "input"), out_dir, model_dir, options)
     return time.perf_counter() - start
 
 
@@ -85,6 +106,109 @@ def agreement(reference_dir, other_dir, cases, regions, ignore_label) -> dict:
     return dict(zip(regions, np.mean(dice, axis=0).round(4).tolist()))
 
 
+E2E_STOCK, E2E_STOCK_NO_TTA = "stock nnUNetv2_predict (TTA)", "stock --disable_tta"
+E2E_OURS, E2E_OURS_TTA = "ours (default, no TTA)", "ours --tta"
+SAME_TTA = {E2E_OURS: E2E_STOCK_NO_TTA, E2E_OURS_TTA: E2E_STOCK}
+
+
+def end_to_end_commands(model_dir, folds, checkpoint, device, input_dir, work) -> dict:
+    """{method: (command, output folder)}; ours also write their per-case profile into the output folder."""
+    folds = [str(f) for f in folds]
+    bin_dir = os.path.dirname(sys.executable)
+    stock = [os.path.join(bin_dir, "nnUNetv2_predict_from_modelfolder"), "-i", input_dir, "-m", model_dir, "-f",
+             *folds, "-chk", checkpoint, "-device", device, "--disable_progress_bar"]
+    ours = [sys.executable, "-m", "multitask_nnunet.cli", "predict", "-i", input_dir, "-m", model_dir, "-f", *folds,
+            "-chk", checkpoint, "--device", device]
+    commands = {}
+    for method, base, extra in ((E2E_STOCK, stock, []), (E2E_STOCK_NO_TTA, stock, ["--disable_tta"]),
+                                (E2E_OURS, ours, []), (E2E_OURS_TTA, ours, ["--tta"])):
+        out = os.path.join(work, method.split(" (")[0].replace(" ", "_").replace("-", ""))
+        profile = ["--profile", os.path.join(work, os.path.basename(out) + ".profile.json")] if base is ours else []
+        commands[method] = ([*base, "-o", out, *extra, *profile], out)
+    return commands
+
+
+def timed_command(command, env) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
+                         f"{result.stderr[-3000:]}")
+    return seconds
+
+
+def warm_up(cases, env) -> None:
+    """Read the inputs and import the libraries once, untimed: every timed command finds them in the page cache."""
+    for case in cases:
+        for file in case.files:
+            with open(file, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+    subprocess.run([sys.executable, "-c", "import torch, SimpleITK, nnunetv2.inference.predict_from_raw_data"],
+                   env=env, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+
+
+def end_to_end(args, model_dir, cases, folds, spec) -> int:
+    env = {**os.environ, **environment_with_trainers()}  # stock nnU-Net must find our trainer class
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    with tempfile.TemporaryDirectory() as work:
+        input_dir = link_cases(cases, os.path.join(work, "input"))
+        commands = end_to_end_commands(model_dir, folds, args.checkpoint, args.device, input_dir, work)
+        warm_up(cases, env)
+        seconds = {method: [] for method in commands}
+        for _ in range(args.repeats):
+            for method, (command, out) in commands.items():
+                shutil.rmtree(out, ignore_errors=True)
+                seconds[method].append(timed_command(command, env))
+        wall = {m: statistics.median(s) for m, s in seconds.items()}
+        dice = {m: agreement(commands[SAME_TTA[m]][1], commands[m][1], cases, spec.regions, spec.ignore_label)
+                for m in SAME_TTA}
+        profiles = {}
+        for m in SAME_TTA:
+            with open(commands[m][0][commands[m][0].index("--profile") + 1]) as f:
+                profiles[m] = json.load(f)
+        classes = {m: {n: int(np.argmax(p)) for n, p in read_probabilities_csv(
+            os.path.join(commands[m][1], PROBABILITIES_CSV)).items()} for m in SAME_TTA}
+    same_class = sum(classes[E2E_OURS][c.output_name] == classes[E2E_OURS_TTA][c.output_name] for c in cases)
+    n = len(cases)
+    lines = [f"model {model_dir} (folds {folds}, {args.checkpoint})",
+             f"input {args.i}: {n} cases, device {args.device}, {os.cpu_count()} CPU cores, whole commands as "
+             f"subprocesses, median of {args.repeats} run(s)",
+             f"{'command':<30} {'wall s':>8} {'s/case':>7} {'vs stock':>9} {'vs stock, same TTA':>19}   "
+             f"Dice vs stock at the same TTA (mean over cases)"]
+    for method in commands:
+        same = f"{wall[SAME_TTA[method]] / wall[method]:>18.2f}x" if method in SAME_TTA else f"{'':>19}"
+        regions = "   " + ", ".join(f"{r} {v:.4f}" for r, v in dice[method].items()) if method in dice else ""
+        lines.append(f"{method:<30} {wall[method]:>8.2f} {wall[method] / n:>7.2f} "
+                     f"{wall[E2E_STOCK] / wall[method]:>8.2f}x {same}{regions}")
+    lines += [f"class agreement ours vs ours --tta: {same_class}/{n}", "",
+              "our time breakdown (s; wall: the main thread's time line, adds up to the wall time; busy: in any "
+              "thread), last run:",
+              f"  {'stage':<11}" + "".join(f" {m + ' wall':>24} {'busy':>6}" for m in SAME_TTA)]
+    for stage in STAGES:
+        lines.append(f"  {stage:<11}" + "".join(
+            f" {profiles[m]['stages'][stage]['wall_s']:>24.2f} {profiles[m]['stages'][stage]['busy_s']:>6.2f}"
+            for m in SAME_TTA))
+    lines.append(f"  {'other':<11}" + "".join(f" {profiles[m]['other_s']:>24.2f} {'':>6}" for m in SAME_TTA))
+    lines.append(f"  {'total':<11}" + "".join(f" {profiles[m]['wall_s']:>24.2f} {'':>6}" for m in SAME_TTA))
+    paths = {m: sorted({c["path"] for c in profiles[m]["cases"]}) for m in SAME_TTA}
+    lines.append("paths: " + "; ".join(f"{m}: {', '.join(p)}" for m, p in paths.items()))
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": model_dir, "folds": folds, "device": args.device, "cases": [c.name for c in cases],
+                       "cpu_count": os.cpu_count(), "repeats": args.repeats, "wall_s": seconds,
+                       "median_wall_s": wall,
+                       "speedup_vs_stock_default": {m: wall[E2E_STOCK] / s for m, s in wall.items()},
+                       "speedup_vs_stock_same_tta": {m: wall[SAME_TTA[m]] / wall[m] for m in SAME_TTA},
+                       "dice_vs_stock_same_tta": dice, "class_agreement_ours_vs_tta": same_class / n,
+                       "breakdown": {m: {k: v for k, v in p.items() if k not in ("cases", "definition")}
+                                     for m, p in profiles.items()}}, f, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-m", required=True, metavar="MODEL_DIR")
@@ -95,8 +219,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-cases", type=int, metavar="N", help="only the first N cases (sorted by name)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads of this process (default: torch's); e.g. 1 on a busy shared CPU, where "
-                             "OpenMP threads waiting for each other slow every network pass down")
+                             "OpenMP threads waiting for each other slow every network pass down. With --end-to-end: "
+                             "OMP_NUM_THREADS of the commands (stock sets its own on CPU)")
     parser.add_argument("--also-sliding", action="store_true", help="also time ours with stock's algorithm")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="time the whole commands as subprocesses (stock default, stock --disable_tta, ours, "
+                             "ours --tta) instead of the predictors in this process")
+    parser.add_argument("--repeats", type=int, default=1, metavar="N", help="with --end-to-end: runs per command "
+                        "(interleaved; the median counts)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -112,6 +242,8 @@ def main(argv=None) -> int:
     if folds is None:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         folds = nnUNetPredictor.auto_detect_available_folds(model_dir, args.checkpoint)
+    if args.end_to_end:
+        return end_to_end(args, model_dir, cases, folds, spec)
 
     with tempfile.TemporaryDirectory() as work:
         link_cases(cases, os.path.join(work, "input"))

@@ -42,7 +42,7 @@ def run_demo(workdir: str, device: str = None, fresh: bool = False) -> dict:
     from multitask_nnunet.conversion.convert import convert_dataset
     from multitask_nnunet.conversion.synthetic import make_synthetic_dataset
     from multitask_nnunet.evaluation.evaluate import evaluate, format_table
-    from multitask_nnunet.inference.batch import predict_folder
+    from multitask_nnunet.inference.batch import BatchOptions, PredictorOptions, predict_folder
     from multitask_nnunet.registration import environment_with_trainers
     from multitask_nnunet.tiny_plans import write_tiny_plans
 
@@ -84,7 +84,7 @@ def run_demo(workdir: str, device: str = None, fresh: bool = False) -> dict:
               "-device", device], env)
 
     _step(5, "multitask-nnunet predict on the test images: masks + subtype_results.csv")
-    predict_folder(source / "test", predictions, model, folds=[0], device=device)
+    predict_folder(source / "test", predictions, model, BatchOptions(PredictorOptions(folds=[0], device=device)))
 
     _step(6, "evaluate against the test ground truth")
     results = evaluate(str(predictions), str(source / "test_labels"), dataset_json=str(raw / "dataset.json"),

@@ -3,8 +3,9 @@
 The wrapper keeps the wrapped network's ``encoder`` and ``decoder`` under the same attribute names, so
 its state-dict keys are exactly nnU-Net's plus ``classification_head.*``; nnU-Net's helpers that reach for
 ``network.decoder.deep_supervision`` keep working, and the segmentation weights load into a stock network.
+The head is built elsewhere (multitask_nnunet.heads) and handed in.
 """
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -13,52 +14,34 @@ from torch import nn
 HEAD_PREFIX = "classification_head."
 
 
-class ClassificationHead(nn.Module):
-    """Global average pooling of the bottleneck, LayerNorm, then an MLP to ``num_classes`` logits."""
-
-    def __init__(self, in_channels: int, num_classes: int, hidden: Sequence[int] = (128, 64),
-                 dropout: float = 0.3):
-        super().__init__()
-        layers = [nn.LayerNorm(in_channels)]
-        width = in_channels
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
-            width = h
-        layers.append(nn.Linear(width, num_classes))
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        pooled = bottleneck.mean(dim=tuple(range(2, bottleneck.ndim)))  # 2d and 3d alike
-        return self.mlp(pooled)
-
-
 class MultitaskUNet(nn.Module):
     """One encoder pass feeds nnU-Net's decoder and the classification head.
 
     ``forward(x)`` returns what nnU-Net expects (segmentation only, deep supervision as nnU-Net set it), so
     nnU-Net's predictor and trainer code can call it unchanged. ``forward_multitask(x)`` returns
-    ``(segmentation, class_logits)`` from the same pass. ``detach_features=True`` (training phase 1) feeds
-    the head detached bottleneck features, so the classification loss sends no gradient into the encoder.
-    Both go through ``forward`` so that DDP and torch.compile wrappers see the multi-task call too.
+    ``(segmentation, class_logits)`` from the same pass: the head sees the encoder's skips and the decoder's
+    highest-resolution segmentation logits (see multitask_nnunet.heads). ``detach_features=True`` (the
+    curriculum's head-only phases) feeds the head detached skips, so the classification loss sends no gradient
+    into the encoder; the segmentation logits a head uses as a guide are always detached. Both go through
+    ``forward`` so that DDP and torch.compile wrappers see the multi-task call too.
     """
 
-    def __init__(self, segmentation_network: nn.Module, num_classes: int, head_hidden: Sequence[int] = (128, 64),
-                 head_dropout: float = 0.3):
+    def __init__(self, segmentation_network: nn.Module, head: nn.Module):
         super().__init__()
         # PlainConvUNet and ResidualEncoderUNet (2d and 3d) are encoder -> skips -> decoder
         self.encoder = segmentation_network.encoder
         self.decoder = segmentation_network.decoder
-        self.num_classes = num_classes
-        self.classification_head = ClassificationHead(self.encoder.output_channels[-1], num_classes,
-                                                      head_hidden, head_dropout)
+        self.classification_head = head
 
     def forward(self, x: torch.Tensor, return_classification: bool = False, detach_features: bool = False):
         skips = self.encoder(x)
         segmentation = self.decoder(skips)
         if not return_classification:
             return segmentation
-        bottleneck = skips[-1].detach() if detach_features else skips[-1]
-        return segmentation, self.classification_head(bottleneck)
+        if detach_features:
+            skips = [s.detach() for s in skips]
+        full_resolution = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
+        return segmentation, self.classification_head(skips, full_resolution.detach())
 
     def forward_multitask(self, x: torch.Tensor, detach_features: bool = False) -> Tuple[object, torch.Tensor]:
         return self(x, return_classification=True, detach_features=detach_features)

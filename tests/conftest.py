@@ -5,6 +5,7 @@ Every step runs the real command-line tools as subprocesses (see cli.py); nothin
 The expensive steps run once per session and the tests share their outputs read-only.
 """
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ DATASET_NAME = "Dataset501_Synth"
 TRAINER = "MultitasknnUNetTrainer_Demo"
 PLANS = "nnUNetTinyPlans"
 CONFIG = "3d_fullres"
+TEST_TRAINERS = Path(__file__).resolve().parent / "trainers"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -37,10 +39,12 @@ class Pipeline:
 def nnunet_env(root: Path) -> dict:
     from multitask_nnunet.registration import environment_with_trainers
     env = environment_with_trainers()
+    env["nnUNet_extTrainer"] += os.pathsep + str(TEST_TRAINERS)  # a user's own trainers go after ours, like this
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / var).mkdir(parents=True, exist_ok=True)
         env[var] = str(root / var)
     env["nnUNet_n_proc_DA"] = "1"
+    env["nnUNet_def_n_proc"] = "2"  # nnU-Net's worker pools (final-validation export): 2 cores, not 8 processes
     env["OMP_NUM_THREADS"] = "2"
     return env
 

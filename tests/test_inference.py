@@ -1,10 +1,14 @@
 """``multitask-nnunet predict`` through its CLI, on the session's tiny trained model (conftest.py): outputs and
-their geometry, whole-volume vs sliding window, classification, resuming, bad input, real CT sizes, sharding."""
+their geometry, whole-volume vs sliding window, classification, resuming, bad input, real CT sizes, sharding,
+the time breakdown; and the one-case API (``CasePredictor``) against the command's outputs."""
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +53,26 @@ def assert_same_geometry(image: sitk.Image, mask: sitk.Image):
         np.testing.assert_allclose(get(mask), get(image), rtol=0, atol=1e-6)
 
 
+@dataclass(frozen=True)
+class Run:
+    out: Path
+    stdout: str
+    seconds: float     # the command's wall time, measured outside it
+    profile: Path
+
+
 @pytest.fixture(scope="module")
-def test_prediction(trained, tmp_path_factory) -> Path:
-    """The synthetic test images predicted with the defaults (whole volume, no TTA)."""
-    out = tmp_path_factory.mktemp("predict") / "test"
-    predict(trained, trained.source / "test", out)
-    return out
+def test_run(trained, tmp_path_factory) -> Run:
+    """The synthetic test images predicted with the defaults (whole volume, no TTA), timed, with --profile."""
+    root = tmp_path_factory.mktemp("predict")
+    start = time.perf_counter()
+    result = predict(trained, trained.source / "test", root / "test", "--profile", root / "profile.json")
+    return Run(root / "test", result.stdout, time.perf_counter() - start, root / "profile.json")
+
+
+@pytest.fixture(scope="module")
+def test_prediction(test_run) -> Path:
+    return test_run.out
 
 
 def test_outputs_geometry_and_csvs(trained, test_prediction):
@@ -117,7 +135,8 @@ def test_whole_volume_and_sliding_window_agree(trained, tmp_path):
 
     logs = {mode: predict(trained, tmp_path / "small", tmp_path / mode, "--mode", mode).stdout
             for mode in ("whole", "sliding")}
-    assert "(whole," in logs["whole"] and "(sliding," in logs["sliding"]
+    case = image_path.name.replace("_0000.nii.gz", "")
+    assert f"{case}: whole, class" in logs["whole"] and f"{case}: sliding, class" in logs["sliding"]
     name = image_path.name.replace("_0000", "")
     whole, sliding = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / m / name))) for m in ("whole", "sliding"))
     for labels in ((1, 2), (2,)):  # the pancreas region (pancreas + lesion) and the lesion
@@ -207,3 +226,124 @@ def test_two_parts_at_once_cover_every_case_once(trained, tmp_path):
     assert sorted(probabilities(out)) == names
     assert sorted(r[0] for r in read_csv(out / "subtype_results.csv")[1:]) == names
     assert all((out / n).is_file() for n in names)
+
+
+# ---------------------------------------------------------------- time breakdown
+STAGES = ("start-up", "model load", "read", "preprocess", "network", "export", "write")
+
+
+def breakdown_table(stdout: str) -> dict:
+    """{stage: (wall s, busy s)} and 'other'/'total' (wall s) from the breakdown printed at the end of a run."""
+    table = {}
+    for line in stdout.split("time breakdown:", 1)[1].splitlines()[2:]:
+        match = re.fullmatch(r"\s+(\S+(?: \S+)?)\s+(\d+\.\d+)(?:\s+(\d+\.\d+))?.*", line)
+        if match:
+            table[match.group(1)] = (float(match.group(2)), float(match.group(3) or "nan"))
+    return table
+
+
+def test_time_breakdown_sums_to_wall_time(trained, test_run):
+    table = breakdown_table(test_run.stdout)
+    assert set(STAGES) <= set(table), test_run.stdout
+    stages = sum(table[s][0] for s in STAGES)
+    # the main thread's time line, stage by stage, against the wall time measured outside the process
+    assert abs(stages - test_run.seconds) <= 0.1 * test_run.seconds, (stages, test_run.seconds, test_run.stdout)
+    assert table["network"][0] > 0 and table["model load"][0] > 0 and table["start-up"][0] > 0
+    for stage in ("read", "preprocess", "write"):  # background stages: the main thread waits at most their time
+        assert table[stage][0] <= table[stage][1] + 0.01, stage
+
+    profile = json.loads(test_run.profile.read_text())
+    names = sorted(p.name.replace("_0000.nii.gz", "") for p in (trained.source / "test").glob("*_0000.nii.gz"))
+    assert sorted(c["name"] for c in profile["cases"]) == names
+    for case in profile["cases"]:
+        assert case["path"] == "whole" and case["class_name"] in ("subtype0", "subtype1", "subtype2")
+        assert all(case[f"{stage}_s"] >= 0 for stage in ("read", "preprocess", "network", "export", "write"))
+    assert abs(profile["stages_wall_sum_s"] + profile["other_s"] - profile["wall_s"]) < 1e-3
+    for stage in STAGES:
+        assert abs(profile["stages"][stage]["wall_s"] - table[stage][0]) < 0.01, stage
+
+
+# ---------------------------------------------------------------- the one-case API
+@pytest.fixture(scope="module")
+def case_predictor(trained):
+    """The CasePredictor, in this process, with the torch threads of the CLI runs (OMP_NUM_THREADS of conftest)."""
+    import torch
+    from multitask_nnunet.inference.case_predictor import CasePredictor
+    from multitask_nnunet.inference.options import PredictorOptions
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(trained.env["OMP_NUM_THREADS"]))
+    yield CasePredictor(trained.results, PredictorOptions(device="cpu"))
+    torch.set_num_threads(threads)
+
+
+def test_one_case_api_matches_the_batch_command(trained, test_prediction, case_predictor, tmp_path):
+    import torch
+    checkpoint = torch.load(trained.fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert case_predictor.class_names == checkpoint["classification_head"]["class_names"]
+    assert read_csv(test_prediction / "class_probabilities.csv")[0][2:] == \
+        [f"prob_{c}" for c in case_predictor.class_names]
+    classes = {r[0]: int(r[1]) for r in read_csv(test_prediction / "subtype_results.csv")[1:]}
+    probs = probabilities(test_prediction)
+    for image_path in sorted((trained.source / "test").glob("*_0000.nii.gz")):
+        name = image_path.name.replace("_0000", "")
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(test_prediction / name)))
+        result = case_predictor.predict_case([image_path])
+        assert result.name == name.replace(".nii.gz", "") and result.path == "whole"
+        np.testing.assert_array_equal(result.segmentation, expected)
+        assert result.class_index == classes[name] and result.class_name == case_predictor.class_names[classes[name]]
+        np.testing.assert_allclose(result.probabilities, probs[name], atol=2e-6)
+        assert set(result.timings) == {"read", "preprocess", "network", "export"}
+
+        image = sitk.ReadImage(str(image_path))  # the same case as an array with its spacing (numpy axis order)
+        from_array = case_predictor.predict_case(sitk.GetArrayFromImage(image)[None],
+                                                 {"spacing": list(image.GetSpacing())[::-1]}, name="a")
+        np.testing.assert_array_equal(from_array.segmentation, expected)
+        assert from_array.class_index == result.class_index
+
+    case_predictor.write_mask(result, str(tmp_path / name))
+    assert_same_geometry(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(tmp_path / name)))
+
+
+def test_one_case_api_bad_input(trained, case_predictor):
+    from multitask_nnunet.errors import InputError
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(sorted((trained.source / "test").glob("*_0000.nii.gz"))[0])))
+    with pytest.raises(InputError, match="case 'a' \\(image array\\): 2 channel\\(s\\); the model expects 1"):
+        case_predictor.predict_case(np.stack([image, image]), {"spacing": [2.0, 0.75, 0.75]}, name="a")
+    with pytest.raises(InputError, match="needs properties with its 'spacing'"):
+        case_predictor.predict_case(image[None])
+    with pytest.raises(InputError, match="nope_0000.nii.gz: cannot read image"):
+        case_predictor.predict_case([str(trained.root / "nope_0000.nii.gz")])
+
+
+def test_safety_nets_out_of_memory_fallback_and_non_finite_output(trained, case_predictor, monkeypatch):
+    import torch
+    from multitask_nnunet.errors import InputError
+    image_path = sorted((trained.source / "test").glob("*_0000.nii.gz"))[0]
+    network = case_predictor.predictor
+
+    def out_of_memory(data):
+        raise torch.OutOfMemoryError("simulated")
+
+    with monkeypatch.context() as m:  # the whole-volume pass runs out of memory: the sliding window takes over
+        m.setattr(network, "_predict_whole", out_of_memory)
+        fallback = case_predictor.predict_case([image_path])
+    with monkeypatch.context() as m:
+        m.setattr(network, "mode", "sliding")
+        sliding = case_predictor.predict_case([image_path])
+    assert fallback.path == "fallback" and "whole volume ran out of memory" in fallback.fallback
+    assert sliding.path == "sliding" and sliding.fallback is None
+    np.testing.assert_array_equal(fallback.segmentation, sliding.segmentation)
+    np.testing.assert_allclose(fallback.probabilities, sliding.probabilities, atol=1e-6)
+
+    mirror_and_predict = network._mirror_and_predict
+
+    def with_inf(x):
+        segmentation, class_probabilities = mirror_and_predict(x)
+        segmentation[(0, 0, *[n // 2 for n in segmentation.shape[2:]])] = float("inf")  # not in the padding
+        return segmentation, class_probabilities
+
+    with monkeypatch.context() as m:  # nnU-Net's predictor raises on inf logits; so do we, naming the case
+        m.setattr(network, "_mirror_and_predict", with_inf)
+        with pytest.raises(InputError, match=re.escape(f"case '{image_path.name[:-12]}' ({image_path}): the "
+                                                       f"network's output holds NaN or infinite values")):
+            case_predictor.predict_case([image_path])

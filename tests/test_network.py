@@ -1,9 +1,12 @@
 """MultitaskUNet on the networks nnU-Net builds: one encoder pass, nnU-Net-compatible forward and weights,
-and gradient isolation between the phases."""
+gradient isolation between the phases, and the head registry."""
+import json
+
 import pytest
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+from multitask_nnunet.heads import HEADS, SegGuidedHead, build_head, head_spec_from_checkpoint, plan_head
 from multitask_nnunet.network import MultitaskUNet, split_state_dict
 
 COMMON = {"conv_bias": True, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
@@ -27,6 +30,15 @@ def build(arch: str, dim: int, deep_supervision: bool = True):
 
 
 ARCHS = [("PlainConvUNet", 3), ("PlainConvUNet", 2), ("ResidualEncoderUNet", 3), ("ResidualEncoderUNet", 2)]
+# a label-based network with 2 output channels: the guide is label 1 (softmax), as resolve_guide plans it
+LABEL_GUIDE = {"guide_channels": [1], "foreground_channels": [1], "guide_activation": "softmax"}
+
+
+def multitask(arch: str, dim: int, head_class: str = "SegGuidedHead", deep_supervision: bool = True,
+              num_classes: int = 3) -> MultitaskUNet:
+    network = build(arch, dim, deep_supervision)
+    spec = plan_head(head_class, network.encoder.output_channels, num_classes, LABEL_GUIDE)
+    return MultitaskUNet(network, build_head(spec))
 
 
 def batch(dim: int) -> torch.Tensor:
@@ -34,10 +46,11 @@ def batch(dim: int) -> torch.Tensor:
     return torch.randn(2, 1, *([16] * dim))
 
 
+@pytest.mark.parametrize("head_class", sorted(HEADS))
 @pytest.mark.parametrize("arch,dim", ARCHS)
-def test_forward_is_nnunets_and_weights_are_stock_compatible(arch, dim):
+def test_forward_is_nnunets_and_weights_are_stock_compatible(arch, dim, head_class):
     plain = build(arch, dim)
-    model = MultitaskUNet(build(arch, dim), num_classes=3)
+    model = multitask(arch, dim, head_class)
     model.load_state_dict({**model.state_dict(), **plain.state_dict()})
     model.eval(), plain.eval()
     x = batch(dim)
@@ -48,7 +61,7 @@ def test_forward_is_nnunets_and_weights_are_stock_compatible(arch, dim):
     for a, b, c in zip(seg_only, seg, expected):
         torch.testing.assert_close(a, c)
         torch.testing.assert_close(b, c)
-    assert logits.shape == (2, 3)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     segmentation_weights, head_weights = split_state_dict(model.state_dict())
     assert set(segmentation_weights) == set(plain.state_dict())
     assert head_weights and all(not k.startswith("classification_head.") for k in head_weights)
@@ -56,15 +69,15 @@ def test_forward_is_nnunets_and_weights_are_stock_compatible(arch, dim):
 
 
 def test_one_encoder_pass_per_forward():
-    model = MultitaskUNet(build("PlainConvUNet", 3), num_classes=3)
+    model = multitask("PlainConvUNet", 3)
     calls = []
     model.encoder.register_forward_hook(lambda *a: calls.append(1))
     model.forward_multitask(batch(3))
     assert len(calls) == 1
 
 
-def test_head_follows_the_reference_design():
-    model = MultitaskUNet(build("PlainConvUNet", 3), num_classes=3)
+def test_gap_head_follows_the_reference_design():
+    model = multitask("PlainConvUNet", 3, "GAPHead")
     layers = list(model.classification_head.mlp)
     kinds = [type(m).__name__ for m in layers]
     assert kinds == ["LayerNorm", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
@@ -75,11 +88,18 @@ def test_head_follows_the_reference_design():
     assert layers[3].p == 0.3
 
 
+def test_seg_guided_head_pools_stages_one_on_plus_bottleneck():
+    head = multitask("PlainConvUNet", 3).classification_head
+    assert head.pool_stages == [1, 2]
+    assert head.mlp[0].normalized_shape == (8 + 16 + 16,)  # stages 1 and 2, plus the bottleneck's global average
+
+
+@pytest.mark.parametrize("head_class", sorted(HEADS))
 @pytest.mark.parametrize("arch,dim", ARCHS)
-def test_gradient_isolation(arch, dim):
-    """Phase 1 (detached features): the classification loss sends exactly zero gradient into the encoder but
-    trains the head; phase 2: it reaches the encoder."""
-    model = MultitaskUNet(build(arch, dim), num_classes=3)
+def test_gradient_isolation(arch, dim, head_class):
+    """Warm-up and phase 1 (detached features): the classification loss sends exactly zero gradient into the
+    encoder and decoder but trains the head; phase 2: it reaches the encoder."""
+    model = multitask(arch, dim, head_class)
     target = torch.tensor([0, 2])
     for detach, encoder_gets_gradient in ((True, False), (False, True)):
         model.zero_grad(set_to_none=False)
@@ -91,8 +111,58 @@ def test_gradient_isolation(arch, dim):
             assert total > 0
         else:
             assert all(g is None or torch.count_nonzero(g) == 0 for g in encoder_grads)
+        # the guide is always detached: the classification loss never trains the decoder
+        encoder_ids = {id(p) for p in model.encoder.parameters()}  # nnU-Net's decoder holds the encoder too
+        assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.decoder.parameters()
+                   if id(p) not in encoder_ids)
         assert sum(float(p.grad.abs().sum()) for p in model.classification_head.parameters()) > 0
 
 
+def _guided_head(activation="sigmoid", **kwargs) -> SegGuidedHead:
+    return SegGuidedHead([1, 1], num_classes=2, guide_channels=[1], foreground_channels=[0, 1],
+                         guide_activation=activation, pool_stages=[0], **kwargs)
+
+
+def test_seg_guided_head_pools_where_the_guide_is():
+    """Features 5 inside a small cube and 0 elsewhere: the guide-weighted mean is ~5 while a global average is
+    ~0.01, which is what a lesion of well under 1% of the crop leaves after global pooling."""
+    head = _guided_head()
+    features = torch.zeros(1, 1, 8, 32, 32)
+    features[..., 2:4, 10:13, 10:13] = 5
+    logits = torch.full((1, 2, 8, 32, 32), -20.0)
+    logits[:, 1, 2:4, 10:13, 10:13] = 20.0
+    weights = head.pooling_weights(logits)
+    pooled = (features * weights).sum() / weights.sum()
+    assert float(pooled) > 4.9 and float(features.mean()) < 0.05
+
+
+def test_seg_guided_head_falls_back_when_the_guide_is_empty():
+    """Empty guide -> foreground; empty foreground too -> uniform (global pooling); never NaN."""
+    head = _guided_head()
+    logits = torch.full((3, 2, 4, 8, 8), -30.0)
+    logits[0, 1, 1, 1, 1:4] = 30.0          # case 0: guide (3 voxels)
+    logits[1, 0, 2, 2:6, 2:6] = 30.0        # case 1: no guide, foreground channel 0 only
+    weights = head.pooling_weights(logits)  # case 2: nothing at all
+    assert float(weights[0].sum()) == pytest.approx(3, abs=1e-3)
+    assert float(weights[1].sum()) == pytest.approx(16, abs=1e-3)
+    assert torch.equal(weights[2], torch.ones_like(weights[2]))
+    out = head([torch.randn(3, 1, 4, 8, 8), torch.randn(3, 1, 2, 4, 4)], logits)
+    assert torch.isfinite(out).all()
+
+
+def test_head_specs_round_trip_and_old_checkpoints_load():
+    network = build("PlainConvUNet", 3)
+    for name in HEADS:
+        spec = plan_head(name, network.encoder.output_channels, 3, LABEL_GUIDE)
+        rebuilt = build_head(json.loads(json.dumps(spec)))  # as stored: plain JSON types
+        assert type(rebuilt).__name__ == name
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
+            {k: v.shape for k, v in build_head(spec).state_dict().items()}
+    old = build_head(plan_head("GAPHead", network.encoder.output_channels, 3))
+    legacy_entry = {"state_dict": old.state_dict(), "num_classes": 3, "hidden": [128, 64], "dropout": 0.3,
+                    "class_names": ["a", "b", "c"]}  # a 0.1.0 checkpoint's classification_head
+    build_head(head_spec_from_checkpoint(legacy_entry)).load_state_dict(legacy_entry["state_dict"])
+
+
 def test_divisibility_is_product_of_strides():
-    assert MultitaskUNet(build("PlainConvUNet", 3), num_classes=2).divisibility() == (4, 4, 4)
+    assert multitask("PlainConvUNet", 3).divisibility() == (4, 4, 4)

@@ -77,3 +77,26 @@ def test_bad_class_count(tmp_path):
     result = make_synthetic(tmp_path / "data", "--classes", "9")
     assert result.returncode == 1 and "--classes 9" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_quiz_geometry_proportions(tmp_path):
+    """--geometry quiz: crops, pancreas and lesion in the real quiz's proportions, for every case of every split."""
+    out = tmp_path / "data"
+    result = run(ours("make-synthetic", "-o", out, "--geometry", "quiz", "--cases", "3", "--validation-cases", "0",
+                      "--test-cases", "3", "--seed", "4"), {}, check=False)
+    assert result.returncode == 0, result.stderr
+    masks = [p for p in sorted(out.glob("train/subtype*/*.nii.gz")) + sorted((out / "test_labels").glob("*.nii.gz"))
+             if not p.name.endswith("_0000.nii.gz")]
+    assert len(masks) == 6
+    for path in masks:
+        mask = sitk.ReadImage(str(path))
+        labels = np.rint(sitk.GetArrayFromImage(mask)).astype(np.uint8)
+        z, y, x = labels.shape
+        assert 40 <= z <= 48 and 90 <= y <= 110 and 110 <= x <= 130, (path.name, labels.shape)
+        assert mask.GetSpacing() == (0.75, 0.75, 2.0)
+        pancreas, lesion = (labels > 0).mean(), (labels == 2).mean()
+        assert 0.04 <= pancreas <= 0.06, (path.name, pancreas)                 # about 5%
+        assert 0.003 <= lesion <= 0.007, (path.name, lesion)
+        lesion_voxels = np.argwhere(labels == 2)
+        assert lesion_voxels.min(axis=0).tolist() > [0, 0, 0]                   # away from the crop's border
+        assert (lesion_voxels.max(axis=0) < np.array(labels.shape) - 1).all()

@@ -2,11 +2,14 @@
 synthetic dataset with tiny plans."""
 import csv
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from cli import nnunet, run
+from cli import nnunet, ours, run
+from multitask_nnunet.heads import HEADS
 from conftest import CONFIG, DATASET_ID, PLANS, TRAINER, load_json, nnunet_env
 
 
@@ -19,15 +22,28 @@ def test_checkpoint_holds_head_and_stock_weights(trained):
     checkpoint = torch.load(trained.fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     head = checkpoint["classification_head"]
     assert head["num_classes"] == 3 and head["class_names"] == ["subtype0", "subtype1", "subtype2"]
-    assert head["state_dict"]["mlp.7.weight"].shape == (3, 64)
-    assert checkpoint["training_phase"] == 2
+    # the head as nnU-Net names architectures: class name + complete kwargs, from which predict rebuilds it
+    assert head["class_name"] == "SegGuidedHead"
+    kwargs = head["kwargs"]
+    assert kwargs["guide_activation"] == "sigmoid" and kwargs["guide_channels"] == [1]  # the lesion region
+    assert kwargs["foreground_channels"] == [0, 1] and kwargs["num_classes"] == 3
+    assert head["state_dict"]["mlp.4.weight"].shape == (3, 128)  # LayerNorm, Linear, ReLU, Dropout, Linear
     assert not any(k.startswith("classification_head") for k in checkpoint["network_weights"])
-    assert checkpoint["trainer_name"] == TRAINER
+    assert checkpoint["trainer_name"] == TRAINER and "training_phase" not in checkpoint
+    # two optimizers: nnU-Net's SGD without the head, the head's own AdamW
+    head_state = checkpoint["head_optimizer_state"]
+    n_head = len(head["state_dict"])
+    assert len(head_state["param_groups"][0]["params"]) == n_head and len(head_state["state"]) == n_head
+    n_seg = len([k for k in checkpoint["network_weights"] if "num_batches_tracked" not in k])
+    assert len(checkpoint["optimizer_state"]["param_groups"][0]["params"]) == n_seg
 
 
 def test_log_shows_f1_and_progress_png_exists(trained):
     log = "".join(p.read_text() for p in trained.fold0.glob("training_log_*.txt"))
-    assert "Val macro-F1" in log and "Phase 2: classification gradients now reach the encoder" in log
+    assert "Val macro-F1" in log and "Val recall per class {'subtype0'" in log
+    for phase in ("Phase 0: segmentation warm-up", "Phase 1: classification head on detached encoder features",
+                  "Phase 2: joint training"):
+        assert phase in log
     assert "training-fold counts [6, 6, 6]" in log  # class balance counted on the training fold only
     assert (trained.fold0 / "progress.png").stat().st_size > 10_000
 
@@ -88,7 +104,11 @@ def test_continue_training_resumes_exactly(trained, tmp_path):
                         "--c"), env, timeout=900)
     assert f"Epoch {last}\n" in result.stdout and f"Epoch {last - 1}\n" not in result.stdout
     resumed = torch.load(fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert resumed["current_epoch"] == last + 1 and resumed["training_phase"] == 2
+    assert resumed["current_epoch"] == last + 1
+    # both optimizers resumed: Adam's step count and SGD's momentum continue from the checkpoint
+    steps = lambda c: {int(s["step"]) for s in c["head_optimizer_state"]["state"].values()}  # noqa: E731
+    assert steps(resumed) == {s + 25 for s in steps(checkpoint)}  # one more epoch of 25 iterations
+    assert resumed["head_optimizer_state"]["param_groups"][0]["lr"] > 0
     assert all(len(v) == last + 1 for v in resumed["logging"].values())
     assert resumed["logging"]["val_macro_f1"][:last] == checkpoint["logging"]["val_macro_f1"]
     assert (fold0 / "validation" / "classification_summary.json").is_file()
@@ -127,3 +147,77 @@ def test_bad_case_labels_name_the_case(preprocessed, tmp_path, edit, message):
                  env, check=False)
     assert result.returncode != 0
     assert message in result.stderr and first_case in result.stderr
+
+
+# a trained model per registered head: the session's model (the default head) or a short run of a test trainer
+SHORT_TRAINERS = {"GAPHead": "MultitasknnUNetTrainer_TestShortGAP"}
+
+
+def train_short(pipeline, trainer: str, dataset_id=DATASET_ID) -> Path:
+    run(nnunet("nnUNetv2_train", dataset_id, CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device", "cpu"),
+        pipeline.env, timeout=900)
+    return Path(pipeline.env["nnUNet_results"]) / next(
+        p.name for p in Path(pipeline.env["nnUNet_results"]).iterdir() if p.name.startswith(f"Dataset{dataset_id}_")) \
+        / f"{trainer}__{PLANS}__{CONFIG}"
+
+
+@pytest.mark.parametrize("head_class", sorted(HEADS))
+def test_every_head_round_trips_through_checkpoint_and_predict(request, tmp_path, monkeypatch, head_class):
+    """Train with each registered head through the stock CLI; the checkpoint names the head, `multitask-nnunet
+    predict` rebuilds exactly that head (same class, same weights) and classifies, and stock predict still loads
+    the segmentation weights strictly."""
+    if head_class in SHORT_TRAINERS:
+        preprocessed, trainer = request.getfixturevalue("preprocessed"), SHORT_TRAINERS[head_class]
+        model_dir = train_short(preprocessed, trainer)
+    else:
+        preprocessed, trainer = request.getfixturevalue("trained"), TRAINER
+        model_dir = preprocessed.results
+    checkpoint = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["classification_head"]["class_name"] == head_class
+
+    from multitask_nnunet.inference.predictor import MultitaskPredictor
+    monkeypatch.setenv("nnUNet_extTrainer", preprocessed.env["nnUNet_extTrainer"])  # finds the test trainers
+    predictor = MultitaskPredictor(device=torch.device("cpu"))
+    predictor.initialize_from_trained_model_folder(str(model_dir), [0])
+    head = predictor.network.classification_head
+    assert type(head).__name__ == head_class
+    for key, value in checkpoint["classification_head"]["state_dict"].items():
+        torch.testing.assert_close(head.state_dict()[key], value)
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for p in sorted((preprocessed.source / "test").glob("*_0000.nii.gz"))[:2]:
+        shutil.copy(p, images / p.name)
+    run(ours("predict", "-i", images, "-o", tmp_path / "ours", "-m", model_dir, "-f", "0", "--device", "cpu"),
+        preprocessed.env)
+    assert len(read_csv(tmp_path / "ours" / "subtype_results.csv")) == 2
+    run(nnunet("nnUNetv2_predict", "-i", images, "-o", tmp_path / "stock", "-d", DATASET_ID, "-c", CONFIG, "-f", "0",
+               "-tr", trainer, "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"),
+        preprocessed.env)
+    assert len(list((tmp_path / "stock").glob("*.nii.gz"))) == 2
+
+
+def test_training_with_class_only_cases(preprocessed, tmp_path):
+    """A dataset converted with --allow-missing-masks (some cases have a class but no mask: their label map is
+    all ignore label) trains through the stock CLI: nnU-Net's segmentation loss ignores those voxels, the head
+    learns from every case, and final validation writes both tasks' outputs."""
+    env = nnunet_env(tmp_path)
+    source = tmp_path / "source"
+    shutil.copytree(preprocessed.source, source)
+    masks = sorted(p for p in (source / "train").glob("subtype*/*.nii.gz") if not p.name.endswith("_0000.nii.gz"))
+    for p in masks[::3]:  # a third of the training cases keep only their class
+        p.unlink()
+    run(ours("convert", "-i", source, "-d", 502, "-n", "ClassOnly", "--allow-missing-masks"), env)
+    run(nnunet("nnUNetv2_plan_and_preprocess", "-d", 502, "-c", CONFIG, "-np", "2", "-npfp", "2"), env)
+    from multitask_nnunet.tiny_plans import write_tiny_plans
+    write_tiny_plans(str(tmp_path / "nnUNet_preprocessed" / "Dataset502_ClassOnly"), target_plans=PLANS)
+    pipeline = type(preprocessed)(tmp_path, env, source, None, None)
+    model_dir = train_short(pipeline, "MultitasknnUNetTrainer_TestShort", 502)
+
+    checkpoint = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    logging = checkpoint["logging"]
+    assert all(np.isfinite(logging["train_seg_losses"])) and all(np.isfinite(logging["train_cls_losses"]))
+    assert len(logging["val_macro_f1"]) == 3
+    summary = load_json(model_dir / "fold_0" / "validation" / "classification_summary.json")
+    assert summary["n_cases"] == 9
+    assert (model_dir / "fold_0" / "validation" / "summary.json").is_file()

@@ -1,5 +1,6 @@
-"""``multitask-nnunet make-synthetic``: a small dataset in the pancreas quiz's layout that a tiny nnU-Net learns
-on CPU in minutes, so the whole pipeline can be run and tested without the real data.
+"""``multitask-nnunet make-synthetic``: a synthetic dataset in the pancreas quiz's layout, so that the whole
+pipeline can be run and tested without the real data. In the default geometry a tiny nnU-Net learns it on a
+CPU in minutes; ``--geometry quiz`` has the real quiz's proportions (small pancreas, smaller lesion).
 
 Layout written to DIR (feed DIR to ``multitask-nnunet convert``)::
 
@@ -10,15 +11,26 @@ Layout written to DIR (feed DIR to ``multitask-nnunet convert``)::
     test_labels/synth_NNN.nii.gz               test ground truth masks (uint8), outside test/ on purpose
     test_labels/classes.csv                    test ground truth classes: Names,Subtype (synth_NNN.nii.gz,K)
 
-Each volume is about 40x64x64 voxels (z, y, x) at 0.75x0.75x2 mm (x, y, z) with a random origin: noisy
-fat-like background, an ellipsoid "pancreas" (label 1) and a smaller lesion inside it (label 2). Only the
-lesion's appearance tells the class: 0 dark, 1 bright, 2 ring (bright rim, dark core), 3 checkered.
-Case numbers are shuffled, so neither names nor order reveal split or class. Same seed, same bytes.
+Geometry (``--geometry``; spacing 0.75x0.75x2 mm (x, y, z) and a random origin in both):
+
+- ``demo`` (default): crops of 36-44 x 60-68 x 60-68 voxels (z, y, x); the pancreas (labels 1+2) is 8-20% of
+  the crop and the lesion (semi-axes 8-11 mm) 1.2-3%. Small enough that a tiny network learns both tasks on
+  a CPU in minutes (the demo and the tests use it). Its output is unchanged from earlier versions.
+- ``quiz``: the real quiz's proportions. Crops of 40-48 x 90-110 x 110-130 voxels (z, y, x), an elongated
+  pancreas (labels 1+2) of about 5% of the crop (4.6-5.5%) and a lesion (label 2) of 0.3-0.7% (median 0.5%;
+  semi-axes about 8-10 mm), inside the pancreas. Both structures scale with the crop's size, as the quiz's
+  crops are cut around the pancreas.
+
+Each case: noisy fat-like background, an ellipsoid "pancreas" (label 1) and a smaller ellipsoid lesion inside
+it (label 2). Only the lesion's appearance tells the class: 0 dark, 1 bright, 2 ring (bright rim, dark core),
+3 checkered. Case numbers are shuffled, so neither names nor order reveal split or class. Same seed and
+geometry, same bytes.
 """
 import argparse
 import csv
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,11 +39,34 @@ from multitask_nnunet.conversion.staging import staged_folder
 from multitask_nnunet.errors import InputError
 
 SPACING = (0.75, 0.75, 2.0)         # mm, SimpleITK order (x, y, z)
-SHAPE = (40, 64, 64)                # voxels, numpy order (z, y, x); each case varies by a few voxels
 BACKGROUND_HU, PANCREAS_HU, DARK_HU, BRIGHT_HU, NOISE_HU = -60, 110, 20, 220, 15
 ARTIFACT = 1.52e-5                  # the size of the float noise seen in the quiz's masks
 TEST_LABELS = "test_labels"
 CLASS_CSV = "classes.csv"
+
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of one geometry; numpy order (z, y, x) throughout."""
+    shape: Tuple[int, int, int]                 # voxels: the crop's typical size
+    shape_jitter: Tuple[int, int, int]          # each case's crop differs by up to +-this many voxels per axis
+    pancreas_axes_mm: Tuple[Tuple[float, float, float], Tuple[float, float, float]]  # semi-axes, (low, high)
+    lesion_axes_mm: Tuple[float, float]         # each semi-axis uniform in [low, high]
+    reference_voxels: Optional[int] = None      # if set: both ellipsoids scale by (crop voxels / this) ** (1/3),
+    #                                             so their share of the crop does not depend on the crop's size
+
+
+GEOMETRIES: Dict[str, Geometry] = {
+    # ~15% pancreas; small enough for CPU demos and tests. Do not change: its bytes are relied upon.
+    "demo": Geometry(shape=(40, 64, 64), shape_jitter=(4, 4, 4),
+                     pancreas_axes_mm=((14, 15, 16), (22, 20, 20)), lesion_axes_mm=(8.0, 11.0)),
+    # the quiz's proportions: pancreas ~5% of the crop (elongated along x), lesion 0.3-0.7%
+    "quiz": Geometry(shape=(44, 100, 120), shape_jitter=(4, 10, 10),
+                     pancreas_axes_mm=((13.5, 15.5, 31.0), (14.5, 16.5, 33.0)), lesion_axes_mm=(8.0, 9.8),
+                     reference_voxels=44 * 100 * 120),
+}
+DEFAULT_GEOMETRY = "demo"
 
 # lesion intensity from (normalised radius inside the lesion, y index, x index); one entry per class
 LESION_APPEARANCES: List[Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = [
@@ -43,12 +78,17 @@ LESION_APPEARANCES: List[Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarr
 
 
 def make_synthetic_dataset(out_dir, cases: int = 18, validation_cases: int = 9, test_cases: int = 6,
-                           classes: int = 3, seed: int = 0, overwrite: bool = False) -> Path:
+                           classes: int = 3, seed: int = 0, overwrite: bool = False,
+                           geometry: str = DEFAULT_GEOMETRY) -> Path:
     """Write the dataset described in the module docstring to ``out_dir`` and return it.
+
+    ``geometry``: a key of ``GEOMETRIES`` (``demo`` or ``quiz``, see the module docstring).
 
     Each split is balanced over the ``classes`` classes. The folder appears complete or not at all; an
     existing non-empty ``out_dir`` is replaced only with ``overwrite``.
     """
+    if geometry not in GEOMETRIES:
+        raise InputError(f"--geometry {geometry}: must be one of {', '.join(GEOMETRIES)}")
     if not 2 <= classes <= len(LESION_APPEARANCES):
         raise InputError(f"--classes {classes}: must be between 2 and {len(LESION_APPEARANCES)}")
     if cases < classes or validation_cases < 0 or test_cases < 0:
@@ -68,7 +108,7 @@ def make_synthetic_dataset(out_dir, cases: int = 18, validation_cases: int = 9, 
         for split, count in counts.items():
             for class_index in rng.permutation(np.arange(count) % classes):
                 name = f"synth_{next(numbers):03d}"
-                image, labels = _make_case(rng, int(class_index))
+                image, labels = _make_case(rng, int(class_index), GEOMETRIES[geometry])
                 if split == "test":
                     _write(image, labels, staged / "test", staged / TEST_LABELS, name)
                     test_classes[name] = int(class_index)
@@ -81,7 +121,7 @@ def make_synthetic_dataset(out_dir, cases: int = 18, validation_cases: int = 9, 
             writer.writerow(["Names", "Subtype"])
             writer.writerows([f"{name}.nii.gz", k] for name, k in sorted(test_classes.items()))
     print(f"wrote {cases} train, {validation_cases} validation and {test_cases} test cases "
-          f"({classes} classes) to {out_dir}")
+          f"({classes} classes, {geometry} geometry) to {out_dir}")
     return out_dir
 
 
@@ -91,12 +131,14 @@ def _ellipsoid_radius(shape, center, semi_axes) -> np.ndarray:
     return np.sqrt(sum(((g - c) / a) ** 2 for g, c, a in zip(grid, center, semi_axes)))
 
 
-def _make_case(rng: np.random.Generator, class_index: int) -> Tuple[sitk.Image, np.ndarray]:
-    shape = tuple(int(n) for n in np.array(SHAPE) + rng.integers(-4, 5, size=3))
+def _make_case(rng: np.random.Generator, class_index: int, geometry: Geometry) -> Tuple[sitk.Image, np.ndarray]:
+    jitter = np.array(geometry.shape_jitter)
+    shape = tuple(int(n) for n in np.array(geometry.shape) + rng.integers(-jitter, jitter + 1))
+    scale = 1.0 if geometry.reference_voxels is None else (np.prod(shape) / geometry.reference_voxels) ** (1 / 3)
     mm_per_voxel = np.array(SPACING[::-1])
-    pancreas_axes = rng.uniform((14, 15, 16), (22, 20, 20)) / mm_per_voxel  # ~15% of the crop, like the quiz
+    pancreas_axes = rng.uniform(*geometry.pancreas_axes_mm) / mm_per_voxel * scale
     pancreas_center = [rng.uniform(a + 2, n - a - 2) for a, n in zip(pancreas_axes, shape)]
-    lesion_axes = rng.uniform(8.0, 11.0, size=3) / mm_per_voxel
+    lesion_axes = rng.uniform(*geometry.lesion_axes_mm, size=3) / mm_per_voxel * scale
     lesion_center = [c + rng.uniform(-0.5, 0.5) * (p - l)
                      for c, p, l in zip(pancreas_center, pancreas_axes, lesion_axes)]
     in_pancreas = _ellipsoid_radius(shape, pancreas_center, pancreas_axes) <= 1
@@ -145,6 +187,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--classes", type=int, default=3, metavar="K",
                    help=f"number of classes, 2 to {len(LESION_APPEARANCES)} (3)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (0)")
+    p.add_argument("--geometry", choices=list(GEOMETRIES), default=DEFAULT_GEOMETRY,
+                   help="demo: ~40x64x64 crops, pancreas 8-20%%, for CPU demos and tests; quiz: the real quiz's "
+                        "proportions, 40-48 x 90-110 x 110-130 crops, pancreas ~5%%, lesion 0.3-0.7%% of the crop "
+                        f"(default: {DEFAULT_GEOMETRY})")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
     p.set_defaults(func=_run)
 
@@ -152,4 +198,4 @@ def add_parser(subparsers) -> None:
 def _run(args) -> None:
     make_synthetic_dataset(args.output, cases=args.cases, validation_cases=args.validation_cases,
                            test_cases=args.test_cases, classes=args.classes, seed=args.seed,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, geometry=args.geometry)

@@ -12,7 +12,7 @@ cases not in the current input stay.
 """
 import glob
 import os
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -45,15 +45,25 @@ def _same(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> bool:
 
 class ClassRows:
     """Adds a finished case's row and rewrites this writer's CSVs at once: the merged ones for an unsharded
-    run, ``parts/part_<I>/`` (rows of this part's cases only) for part I of a sharded one."""
+    run, ``parts/part_<I>/`` (rows of this part's cases only) for part I of a sharded one.
 
-    def __init__(self, output_folder: str, class_names: List[str], part_id: Optional[int] = None,
+    ``class_names`` is called the first time a CSV is written: the names come from the model's checkpoint,
+    which a run with nothing to predict need not load unless it has CSVs to write."""
+
+    def __init__(self, output_folder: str, class_names: Callable[[], List[str]], part_id: Optional[int] = None,
                  part_cases: Iterable[str] = ()):
         self.output_folder = output_folder
-        self.class_names = class_names
+        self._class_names = class_names
+        self._names: Optional[List[str]] = None
         self.part_id = part_id
         self.part_cases = set(part_cases)
         self.new: Dict[str, np.ndarray] = {}
+
+    @property
+    def class_names(self) -> List[str]:
+        if self._names is None:
+            self._names = list(self._class_names())
+        return self._names
 
     def add(self, name: str, probabilities: np.ndarray) -> None:
         self.new[name] = probabilities

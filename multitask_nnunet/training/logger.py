@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from batchgenerators.utilities.file_and_folder_operations import join  # noqa: E402
 from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
 
-CLASSIFICATION_KEYS = ("train_seg_losses", "train_cls_losses", "val_macro_f1", "val_accuracy", "ema_macro_f1",
-                       "combined_metric")
+CLASSIFICATION_KEYS = ("train_seg_losses", "train_cls_losses", "val_macro_f1", "val_accuracy", "val_class_recall",
+                       "val_predicted_classes", "ema_macro_f1", "combined_metric")
 
 
 class MultitaskLocalLogger(LocalLogger):

@@ -1,16 +1,26 @@
 """MultitasknnUNetTrainer: nnU-Net's trainer with a classification head on the shared encoder.
 
 Everything nnU-Net does (plans, preprocessing, data loading and augmentation, deep supervision, the SGD
-optimizer with poly learning rate, the segmentation loss, DDP) stays nnU-Net's. This subclass adds:
+optimizer with poly learning rate and gradient clipping at 12 for the segmentation network, the segmentation
+loss, DDP) stays nnU-Net's. This subclass adds:
 
 - the class labels, read from dataset.json (see multitask_nnunet.class_labels) and checked at initialize;
-- a two-phase loss ``seg_loss + w * cls_loss`` with class-balanced cross-entropy. Phase 1 (the first
-  ``phase1_epochs``) feeds the head detached encoder features with a small weight, so the encoder learns
-  segmentation undisturbed while the head warms up; phase 2 lets the classification gradient into the
-  encoder with a larger weight;
-- per-case classification metrics in validation and a combined metric for ``checkpoint_best.pth``;
+- a classification head from the head registry (multitask_nnunet.heads): by default ``SegGuidedHead``,
+  which pools encoder features where the network itself predicts the class-carrying structure;
+- the head's own optimizer (AdamW with warm-up and poly decay, its own gradient clipping). One AMP grad
+  scaler serves both optimizers, unscaling each before it is clipped;
+- a staged curriculum, ``loss = seg_loss + w * cls_loss`` with class-balanced cross-entropy:
+  phase 0 (epochs < ``seg_warmup_epochs``): segmentation only (w = 0, the head is not trained);
+  phase 1 (epochs < ``phase1_epochs``): the head learns on detached encoder features (exactly zero encoder
+  gradient from the classification loss);
+  phase 2: joint training. The head's step size is its own learning rate; ``phase2_cls_weight`` sets how
+  strongly the classification gradient shapes the shared encoder, which therefore moves slower for the
+  classification task than the head does;
+- per-case classification metrics in validation (macro-F1, accuracy, per-class recall, a warning when the
+  predictions collapse to one class) and a combined metric for ``checkpoint_best.pth``;
 - checkpoints whose ``network_weights`` are exactly a stock nnU-Net network's (so ``nnUNetv2_predict``
-  works on them) with the head stored beside them under ``classification_head``.
+  works on them), with the head's spec and weights beside them under ``classification_head`` and the head
+  optimizer's state under ``head_optimizer_state``.
 """
 import multiprocessing
 import warnings
@@ -32,31 +42,64 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
 
 from multitask_nnunet.class_csv import write_class_csvs
 from multitask_nnunet.class_labels import class_labels_for_cases, class_weights, read_class_labels
 from multitask_nnunet.case_probabilities import mean_probabilities_per_case
 from multitask_nnunet.evaluation.metrics import classification_metrics
+from multitask_nnunet.heads import build_head, plan_head, resolve_guide
 from multitask_nnunet.network import MultitaskUNet, merge_state_dict, split_state_dict
 from multitask_nnunet.training.logger import MultitaskLocalLogger
+
+PHASE_NAMES = {0: "segmentation warm-up (classification head not trained)",
+               1: "classification head on detached encoder features",
+               2: "joint training (classification gradients reach the encoder)"}
 
 
 class MultitasknnUNetTrainer(nnUNetTrainer):
     """Subclass it (nnU-Net style, in your own ``nnUNet_extTrainer`` folder) and override these to change the
-    schedule; nnU-Net's own attributes (``num_epochs``, ``num_iterations_per_epoch``, ...) work as usual."""
+    head, its optimizer or the curriculum; nnU-Net's own attributes (``num_epochs``,
+    ``num_iterations_per_epoch``, ``initial_lr``, ...) work as usual."""
 
-    #: epochs of phase 1 (head on detached features); phase 2 starts at this epoch
-    phase1_epochs = 20
-    #: classification-loss weight w in phase 1 and in phase 2
-    phase1_cls_weight = 0.01
+    # ---- classification head (multitask_nnunet.heads) ----------------------------------------------------
+    #: a head class of multitask_nnunet.heads.HEADS: "SegGuidedHead" (default) or "GAPHead" (global average
+    #: pooling of the bottleneck: the first design, kept for comparison)
+    head_class = "SegGuidedHead"
+    #: overrides of the head's planned kwargs, e.g. {"hidden": [256], "dropout": 0.2, "pool_stages": [2, 3, 4]}
+    head_kwargs = {}
+    #: SegGuidedHead's guide: None = the last region of regions_class_order (region-based datasets) or the
+    #: highest label; a region or label name of dataset.json; or "foreground"
+    head_guide = None
+
+    # ---- the head's own optimizer ----------------------------------------------------------------------
+    #: True: the head has its own AdamW (below) and nnU-Net's SGD keeps the segmentation network. False: the
+    #: head joins nnU-Net's SGD and ``grad_clip_norm`` clips all parameters together (the first design)
+    separate_head_optimizer = True
+    head_lr = 1e-3
+    head_weight_decay = 1e-4
+    #: linear warm-up over this many epochs from the head's first trained epoch, then poly decay (exponent
+    #: 0.9, like nnU-Net's) to 0 at ``num_epochs``
+    head_warmup_epochs = 5
+    head_grad_clip_norm = 1.0
+    #: gradient-norm clipping of the segmentation network (nnU-Net's 12)
+    grad_clip_norm = 12.0
+
+    # ---- curriculum ------------------------------------------------------------------------------------
+    #: phase 0, epochs < seg_warmup_epochs: segmentation only
+    seg_warmup_epochs = 50
+    #: phase 1, epochs < phase1_epochs: the head on detached features; phase 2 (joint) starts at this epoch
+    phase1_epochs = 500
+    #: classification-loss weight w in phase 1 and in phase 2 (loss = seg_loss + w * cls_loss). With the
+    #: head's own AdamW, w hardly changes the head's steps (Adam is invariant to the loss scale); in phase 2 it
+    #: sets how strongly the classification gradient shapes the encoder
+    phase1_cls_weight = 1.0
     phase2_cls_weight = 0.1
-    #: classification head: hidden widths and dropout
-    head_hidden = (128, 64)
-    head_dropout = 0.3
-    #: gradient-norm clipping (nnU-Net uses 12)
-    grad_clip_norm = 1.0
+    #: warn in the log when validation has predicted a single class for this many epochs in a row
+    collapse_warning_epochs = 5
+
     #: checkpoint_best metric = s * EMA pseudo-Dice + (1 - s) * EMA macro-F1; s is ``best_seg_weight_phase1``
-    #: in phase 1 and slides linearly to ``best_seg_weight_final`` over ``best_weight_ramp_epochs`` epochs
+    #: until phase 2 and slides linearly to ``best_seg_weight_final`` over ``best_weight_ramp_epochs`` epochs
     best_seg_weight_phase1 = 0.9
     best_seg_weight_final = 0.5
     best_weight_ramp_epochs = 50
@@ -67,16 +110,26 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         self.logger.local_logger = MultitaskLocalLogger()
         self.class_labels = None  # -> initialize
         self.classification_loss = None  # -> initialize
+        self.head_spec = None  # -> initialize (the network builder plans it)
+        self.head_optimizer = None  # -> configure_optimizers
         self._val_cases_seen = 0
 
     # ------------------------------------------------------------------ set-up
     @property
     def phase(self) -> int:
+        if self.current_epoch < self.seg_warmup_epochs:
+            return 0
         return 1 if self.current_epoch < self.phase1_epochs else 2
 
     @property
     def cls_weight(self) -> float:
-        return self.phase1_cls_weight if self.phase == 1 else self.phase2_cls_weight
+        return (0.0, self.phase1_cls_weight, self.phase2_cls_weight)[self.phase]
+
+    def head_learning_rate(self, epoch: int) -> float:
+        if epoch < self.seg_warmup_epochs:
+            return 0.0
+        warm_up = min(1.0, (epoch - self.seg_warmup_epochs + 1) / max(1, self.head_warmup_epochs))
+        return self.head_lr * warm_up * (1 - epoch / self.num_epochs) ** 0.9
 
     def best_seg_weight(self, epoch: int) -> float:
         if epoch < self.phase1_epochs:
@@ -104,6 +157,10 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         weights = class_weights(counts)
         self.print_to_log_file(f"Classes {self.class_labels.class_names}, training-fold counts {counts}, "
                                f"cross-entropy weights {np.round(weights, 4).tolist()}")
+        self.print_to_log_file(f"Classification head {self.head_spec['class_name']} {self.head_spec['kwargs']}; "
+                               f"{'own AdamW' if self.separate_head_optimizer else 'in nnU-Net SGD'}; curriculum: "
+                               f"segmentation only until epoch {self.seg_warmup_epochs}, detached features until "
+                               f"{self.phase1_epochs}, then joint")
         self.classification_loss = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32,
                                                                            device=self.device))
 
@@ -111,12 +168,34 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
                                  num_output_channels: int, enable_deep_supervision: bool = True) -> MultitaskUNet:
         segmentation_network = type(self).build_network_architecture(
             plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
-        return MultitaskUNet(segmentation_network, self.class_labels.num_classes, self.head_hidden,
-                             self.head_dropout)
+        guide = resolve_guide(self.label_manager, self.dataset_json, self.head_guide) \
+            if self.head_class == "SegGuidedHead" else None
+        self.head_spec = plan_head(self.head_class, segmentation_network.encoder.output_channels,
+                                   self.class_labels.num_classes, guide, **self.head_kwargs)
+        return MultitaskUNet(segmentation_network, build_head(self.head_spec))
 
     def _unwrapped_network(self) -> MultitaskUNet:
-        mod = self.network.module if self.is_ddp else self.network
+        mod = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def _head_parameters(self) -> List[nn.Parameter]:
+        return list(self._unwrapped_network().classification_head.parameters())
+
+    def _segmentation_parameters(self) -> List[nn.Parameter]:
+        head = {id(p) for p in self._head_parameters()}
+        return [p for p in self._unwrapped_network().parameters() if id(p) not in head]
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD + poly schedule; with ``separate_head_optimizer`` it holds the segmentation network only
+        and the head gets its own AdamW (learning rate set per epoch, see ``head_learning_rate``)."""
+        optimizer, lr_scheduler = super().configure_optimizers()
+        if self.separate_head_optimizer:
+            head = {id(p) for p in self._head_parameters()}
+            for group in optimizer.param_groups:
+                group['params'] = [p for p in group['params'] if id(p) not in head]
+            self.head_optimizer = torch.optim.AdamW(self._head_parameters(), lr=self.head_lr,
+                                                    weight_decay=self.head_weight_decay)
+        return optimizer, lr_scheduler
 
     def _batch_class_labels(self, keys) -> torch.Tensor:
         labels = [self.class_labels.label_of(k, self._dataset_json_path()) for k in keys]
@@ -136,9 +215,15 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        if self.current_epoch == self.phase1_epochs:
-            self.print_to_log_file("Phase 2: classification gradients now reach the encoder")
-        self.print_to_log_file(f"Phase {self.phase}, classification loss weight {self.cls_weight}")
+        if self.current_epoch in (self.seg_warmup_epochs, self.phase1_epochs) or self.current_epoch == 0:
+            self.print_to_log_file(f"Phase {self.phase}: {PHASE_NAMES[self.phase]}")
+        message = f"Phase {self.phase}, classification loss weight {self.cls_weight}"
+        if self.head_optimizer is not None:
+            lr = self.head_learning_rate(self.current_epoch)
+            for group in self.head_optimizer.param_groups:
+                group['lr'] = lr
+            message += f", head learning rate {lr:.3g}"
+        self.print_to_log_file(message)
 
     def train_step(self, batch: dict) -> dict:
         data = batch['data'].to(self.device, non_blocking=True)
@@ -146,25 +231,35 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) else \
             target.to(self.device, non_blocking=True)
         labels = self._batch_class_labels(batch['keys'])
+        phase = self.phase
 
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizers = [self.optimizer]
+        if self.head_optimizer is not None and phase > 0:  # phase 0 leaves the head and its Adam state untouched
+            optimizers.append(self.head_optimizer)
+        for optimizer in (self.optimizer, self.head_optimizer):
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            segmentation, class_logits = self.network(data, return_classification=True,
-                                                      detach_features=self.phase == 1)
+            segmentation, class_logits = self.network(data, return_classification=True, detach_features=phase < 2)
             seg_loss = self.loss(segmentation, target)
             cls_loss = self.classification_loss(class_logits.float(), labels)
+            # w = 0 in phase 0 still gives every head parameter a (zero) gradient, as DDP requires
             loss = seg_loss + self.cls_weight * cls_loss
 
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+        scaler = self.grad_scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            for optimizer in optimizers:  # one scaler for both: unscale each before clipping
+                scaler.unscale_(optimizer)
+        if self.head_optimizer is None:
+            torch.nn.utils.clip_grad_norm_(self._unwrapped_network().parameters(), self.grad_clip_norm)
         else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
-            self.optimizer.step()
+            torch.nn.utils.clip_grad_norm_(self._segmentation_parameters(), self.grad_clip_norm)
+            torch.nn.utils.clip_grad_norm_(self._head_parameters(), self.head_grad_clip_norm)
+        for optimizer in optimizers:
+            scaler.step(optimizer) if scaler is not None else optimizer.step()
+        if scaler is not None:
+            scaler.update()
         return {'loss': loss.detach().cpu().numpy(), 'seg_loss': seg_loss.detach().cpu().numpy(),
                 'cls_loss': cls_loss.detach().cpu().numpy()}
 
@@ -225,6 +320,8 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         epoch = self.current_epoch
         self.logger.log('val_macro_f1', metrics['macro_f1'], epoch)
         self.logger.log('val_accuracy', metrics['accuracy'], epoch)
+        self.logger.log('val_class_recall', [c['recall'] for c in metrics['per_class']], epoch)
+        self.logger.log('val_predicted_classes', len({int(np.argmax(per_case[c])) for c in cases}), epoch)
         previous = self.logger.get_value('ema_macro_f1', step=None)
         ema = metrics['macro_f1'] if len(previous) == 0 else 0.9 * previous[-1] + 0.1 * metrics['macro_f1']
         self.logger.log('ema_macro_f1', ema, epoch)
@@ -244,6 +341,9 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         self.print_to_log_file(f"Val macro-F1 {np.round(get('val_macro_f1'), 4)} accuracy "
                                f"{np.round(get('val_accuracy'), 4)} (per case, {self._val_cases_seen} cases); "
                                f"combined metric {np.round(get('combined_metric'), 4)}")
+        self.print_to_log_file("Val recall per class", dict(zip(self.class_labels.class_names,
+                                                                  np.round(get('val_class_recall'), 4).tolist())))
+        self._warn_if_collapsed()
         self.print_to_log_file(f"Epoch time: {np.round(get('epoch_end_timestamps') - get('epoch_start_timestamps'), 2)} s")
 
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != (self.num_epochs - 1):
@@ -256,6 +356,15 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
             self.logger.plot_progress_png(self.output_folder)
         self.current_epoch += 1
 
+    def _warn_if_collapsed(self) -> None:
+        n = self.collapse_warning_epochs
+        if self._val_cases_seen < 2 or self.current_epoch - self.seg_warmup_epochs + 1 < n:
+            return  # too few cases to tell, or the head has not trained for n epochs yet
+        if all(k == 1 for k in self.logger.get_value('val_predicted_classes', step=None)[-n:]):
+            self.print_to_log_file(f"WARNING: validation has predicted one class for every case for {n} epochs: the "
+                                   f"classification head has collapsed (see TechReport.md, 'Classification that "
+                                   f"learns')")
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0:
@@ -266,11 +375,11 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         segmentation_weights, head_weights = split_state_dict(self._unwrapped_network().state_dict())
         checkpoint = {
             'network_weights': segmentation_weights,
-            'classification_head': {'state_dict': head_weights, 'num_classes': self.class_labels.num_classes,
-                                    'class_names': self.class_labels.class_names,
-                                    'hidden': list(self.head_hidden), 'dropout': self.head_dropout},
-            'training_phase': self.phase,
+            'classification_head': {**self.head_spec, 'state_dict': head_weights,
+                                    'num_classes': self.class_labels.num_classes,
+                                    'class_names': self.class_labels.class_names},
             'optimizer_state': self.optimizer.state_dict(),
+            'head_optimizer_state': self.head_optimizer.state_dict() if self.head_optimizer is not None else None,
             'grad_scaler_state': self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             'logging': self.logger.get_checkpoint(),
             '_best_ema': self._best_ema,
@@ -299,6 +408,8 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         self.inference_allowed_mirroring_axes = checkpoint.get('inference_allowed_mirroring_axes',
                                                                self.inference_allowed_mirroring_axes)
         self.optimizer.load_state_dict(checkpoint['optimizer_state'])
+        if self.head_optimizer is not None and checkpoint.get('head_optimizer_state') is not None:
+            self.head_optimizer.load_state_dict(checkpoint['head_optimizer_state'])
         if self.grad_scaler is not None and checkpoint['grad_scaler_state'] is not None:
             self.grad_scaler.load_state_dict(checkpoint['grad_scaler_state'])
 

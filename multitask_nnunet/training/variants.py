@@ -1,4 +1,6 @@
-"""Short variants, nnU-Net style (like nnUNetTrainer_5epochs): same trainer, other schedules."""
+"""Short variants, nnU-Net style (like nnUNetTrainer_5epochs): same trainer, other schedules. The curriculum
+scales with the schedule: segmentation-only warm-up for the first 5% of the epochs, the head on detached
+features until half of them, then joint training (the default trainer: 50 and 500 of 1000 epochs)."""
 import torch
 
 from multitask_nnunet.training.trainer import MultitasknnUNetTrainer
@@ -8,7 +10,9 @@ __all__ = ["MultitasknnUNetTrainer_5epochs", "MultitasknnUNetTrainer_100epochs",
 
 
 class MultitasknnUNetTrainer_5epochs(MultitasknnUNetTrainer):
-    phase1_epochs = 2
+    seg_warmup_epochs = 1
+    phase1_epochs = 3
+    head_warmup_epochs = 1
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -17,7 +21,9 @@ class MultitasknnUNetTrainer_5epochs(MultitasknnUNetTrainer):
 
 
 class MultitasknnUNetTrainer_100epochs(MultitasknnUNetTrainer):
-    phase1_epochs = 20
+    seg_warmup_epochs = 5
+    phase1_epochs = 50
+    head_warmup_epochs = 2
     best_weight_ramp_epochs = 30
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -27,7 +33,9 @@ class MultitasknnUNetTrainer_100epochs(MultitasknnUNetTrainer):
 
 
 class MultitasknnUNetTrainer_250epochs(MultitasknnUNetTrainer):
-    phase1_epochs = 50
+    seg_warmup_epochs = 12
+    phase1_epochs = 125
+    head_warmup_epochs = 3
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -36,12 +44,10 @@ class MultitasknnUNetTrainer_250epochs(MultitasknnUNetTrainer):
 
 
 class MultitasknnUNetTrainer_Demo(MultitasknnUNetTrainer):
-    """Minutes on a CPU with tiny plans: the demo and the tests use it. With so few steps the head needs a
-    larger loss weight to learn; in phase 1 the features are detached, so that weight only sets the
-    head's own step size."""
-    phase1_epochs = 5
-    phase1_cls_weight = 1.0
-    phase2_cls_weight = 0.3
+    """Minutes on a CPU with tiny plans: the demo and the tests use it."""
+    seg_warmup_epochs = 1
+    phase1_epochs = 10
+    head_warmup_epochs = 1
     best_weight_ramp_epochs = 5
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

@@ -1,0 +1,482 @@
+"""Classification learning at the real task's scale: several trainers, same data, same schedule, both tasks.
+
+Steps (every nnU-Net step is the stock command line, run as a subprocess):
+
+1. ``multitask-nnunet make-synthetic --geometry quiz`` (quiz-like proportions: crops 40-48 x 90-110 x 110-130
+   voxels at 0.75x0.75x2 mm, pancreas ~5% and lesion 0.3-0.7% of the crop; the class is only in the
+   lesion's look), ``multitask-nnunet convert`` and stock ``nnUNetv2_plan_and_preprocess -c 3d_fullres``.
+2. Plans: ``--plans small`` (default on CPU) writes ``nnUNetSmallPlans``, a copy of nnU-Net's plans with few
+   features per stage (``--base-features``, ``--max-features``) and, if asked, a smaller patch
+   (``--patch-size``); ``--plans default`` trains nnU-Net's ``nnUNetPlans`` unchanged (for CUDA).
+3. For each trainer (``--trainers``; default: stock ``nnUNetTrainer_ClsBench`` for segmentation only, then
+   ``MultitasknnUNetTrainer_ClsBenchGAP`` as the classification reference and ``MultitasknnUNetTrainer_ClsBench``
+   for the package's default; all in ``benchmarks/trainers/``, which this script puts first in
+   ``nnUNet_extTrainer``): ``nnUNetv2_train DATASET 3d_fullres 0 -tr T -p PLANS -device DEV`` with the schedule
+   of ``--epochs``, ``--iterations`` and ``--val-iterations`` (passed to the trainers through
+   ``MULTITASK_BENCH_EPOCHS``, ``MULTITASK_BENCH_ITERATIONS`` and ``MULTITASK_BENCH_VAL_ITERATIONS``). Fold 0 is
+   the generated train/validation split. The log goes to ``RUN/logs/<trainer>_train.log``.
+4. Test set: multitask trainers through ``multitask-nnunet predict --tta`` (auto mode: whole volume when it
+   fits) and ``multitask-nnunet evaluate``; stock through ``nnUNetv2_predict`` at its defaults (sliding
+   window, step 0.5, mirroring TTA), scored in-process with the same Dice functions
+   (``multitask_nnunet.evaluation``). Both sides use mirroring TTA, so masks are compared at equal TTA.
+
+Measured per trainer:
+- wall time of ``nnUNetv2_train`` (training + nnU-Net's final validation) and seconds per epoch;
+- per-epoch validation macro-F1 over cases and the mean training classification loss per epoch
+  (``fold_0/checkpoint_final.pth``, ``["logging"]``), and per-epoch pseudo-Dice of the lesion (all trainers);
+- final validation (every validation case, sliding window + TTA): macro-F1
+  (``validation/classification_summary.json``) and nnU-Net's Dice (``validation/summary.json``);
+- test: macro-F1, mean Dice of the whole region and of the lesion, and each multitask trainer's Dice minus
+  stock's.
+The table is printed at the end; ``--json FILE`` writes every figure, the settings and the machine.
+
+Reruns reuse every finished step: the data (per seed and case counts) under ``WORKDIR/data_*``, and each
+trained model and prediction under ``WORKDIR/data_*/runs/<plans>_<device>_e<E>_i<I>_v<V>/``, so another
+trainer or schedule costs only its own training. An interrupted training resumes (``--c``).
+
+Settings:
+- CPU (the default without CUDA): ``--plans small`` with 4 -> 64 features (one convolution per stage, batch 2)
+  and a 40x96x112 patch, 12 epochs x 50 iterations (+10 validation iterations), nnUNet_n_proc_DA 2.
+  nnU-Net plans a 48x112x128 patch for these crops (median 45x98x123), larger than the crop; the smaller
+  patch still holds ~85% of the crop per axis and roughly halves the step time (``--planned-patch`` keeps
+  nnU-Net's). Measured on 2 cores (train step of the stock trainer, batch 2): 0.35 s at 40x96x112 and 0.62 s
+  at 48x112x128 with 4 -> 64 features; 0.55 s and 1.15 s with 8 -> 64. In that setting stock nnU-Net
+  segments the lesion after ~400-450 iterations (lesion pseudo-Dice 0 until then), so 600 iterations leave
+  a margin. Estimated total on an otherwise idle 2-core machine, from those step times (not yet timed end to
+  end on an idle machine): about 22-23 minutes for the three default trainers (about 1 min data +
+  preprocessing, ~5.5 min training + ~1 min final validation per trainer, ~1.5 min of test predictions for
+  stock, under 1 min for each multitask trainer). On a shared CPU it takes proportionally longer.
+- CUDA: ``--device cuda`` defaults to ``--plans default`` (nnU-Net's plans unchanged), 40 epochs x 50 iterations
+  (+10 validation iterations) and nnUNet_n_proc_DA 8; set ``--epochs`` etc. as needed.
+- ``nnUNet_def_n_proc`` (nnU-Net's export and metric pools) is set to the number of cores, at most 8, unless
+  already set; ``OMP_NUM_THREADS`` to ``--threads``. nnU-Net's training uses all cores for torch on CPU.
+
+Usage:
+    python benchmarks/classification_learning.py --workdir /tmp/cls_bench --json cls_bench.json
+    python benchmarks/classification_learning.py --workdir /tmp/cls_bench --device cuda --json cls_bench_gpu.json
+    python benchmarks/classification_learning.py --workdir /tmp/cls_bench --trainers MultitasknnUNetTrainer_ClsBench
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINER_FOLDER = Path(__file__).resolve().parent / "trainers"
+BIN = Path(sys.executable).parent
+
+DATASET_ID = 601
+DATASET = f"Dataset{DATASET_ID}_ClsBenchQuiz"
+CONFIGURATION = "3d_fullres"
+SMALL_PLANS = "nnUNetSmallPlans"
+STOCK_TRAINER = "nnUNetTrainer_ClsBench"
+DEFAULT_TRAINERS = [STOCK_TRAINER, "MultitasknnUNetTrainer_ClsBenchGAP", "MultitasknnUNetTrainer_ClsBench"]
+CPU_SCHEDULE = {"epochs": 12, "iterations": 50, "val_iterations": 10}
+CUDA_SCHEDULE = {"epochs": 40, "iterations": 50, "val_iterations": 10}
+SMALL_FEATURES = {"base_features": 4, "max_features": 64}
+SMALL_PATCH = [40, 96, 112]  # nnU-Net plans 48x112x128 for these crops (median 45x98x123): larger than the crop
+PANCREAS_LABELS = {"labels": {"background": 0, "whole_pancreas": [1, 2], "pancreas_lesion": 2},
+                   "regions_class_order": [1, 2]}  # as dataset_conversion/convert_pancreas_quiz.py
+SCHEDULE_VARIABLES = {"epochs": "MULTITASK_BENCH_EPOCHS", "iterations": "MULTITASK_BENCH_ITERATIONS",
+                      "val_iterations": "MULTITASK_BENCH_VAL_ITERATIONS"}
+ECHO = ("Epoch ", "Current learning rate", "train_loss", "val_loss", "Pseudo dice", "macro-F1", "Epoch time",
+        "Yayy", "Traceback", "Error", "error:")
+
+
+def command(name: str, *args) -> list:
+    """A console script of this environment (nnU-Net's or ours)."""
+    exe = BIN / name
+    return [str(exe) if exe.exists() else name, *map(str, args)]
+
+
+def run(cmd: list, env: dict, log: Path = None, echo: bool = False) -> float:
+    """Runs ``cmd``; output to ``log`` (lines with ECHO keywords also to stdout when ``echo``) or to stdout.
+    Returns the wall time in seconds; raises on a non-zero exit."""
+    print("+ " + " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    if log is None:
+        code = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL).returncode
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"  log: {log}", flush=True)
+        with open(log, "a", buffering=1) as f, subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                bufsize=1) as p:
+            for line in p.stdout:
+                f.write(line)
+                if echo and any(k in line for k in ECHO):
+                    print("  | " + line.rstrip(), flush=True)
+            code = p.wait()
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"'{' '.join(cmd)}' failed with exit code {code}" + (f"; see {log}" if log else ""))
+    return seconds
+
+
+def load(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save(data, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+
+
+def prepare_data(args, data: Path, env: dict) -> Path:
+    """Synthetic data -> raw dataset -> stock plan and preprocess; returns the preprocessed dataset folder."""
+    source, raw = data / "synthetic", data / "nnUNet_raw" / DATASET
+    preprocessed = data / "nnUNet_preprocessed" / DATASET
+    started = time.perf_counter()
+    if not (source / "test_labels").is_dir():  # make-synthetic writes the folder complete or not at all
+        run(command("multitask-nnunet", "make-synthetic", "-o", source, "--geometry", "quiz", "--cases", args.cases,
+                    "--validation-cases", args.validation_cases, "--test-cases", args.test_cases,
+                    "--classes", args.classes, "--seed", args.seed, "--overwrite"), env)
+    if not (raw / "dataset.json").is_file():  # convert, too
+        save(PANCREAS_LABELS, data / "labels.json")
+        run(command("multitask-nnunet", "convert", "-i", source, "-d", DATASET_ID, "-n", DATASET.split("_", 1)[1],
+                    "--labels-json", data / "labels.json"), env)
+    done = data / "prepared.json"
+    if not done.is_file():
+        n_proc = str(min(os.cpu_count() or 1, 8))
+        run(command("nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", CONFIGURATION, "-np", n_proc,
+                    "-npfp", n_proc, "--verify_dataset_integrity"), env, data / "plan_and_preprocess.log")
+        save({"prepare_seconds": time.perf_counter() - started}, done)
+    return preprocessed
+
+
+def write_plans(args, preprocessed: Path) -> dict:
+    """Writes the small plans (unless ``--plans default``); returns their name, tag and network settings.
+
+    Small plans at the default settings are ``nnUNetSmallPlans``; other settings get their own name
+    (``nnUNetSmallPlans_f8-64-b2-p48x112x128``), so that runs with different settings never share a plans
+    file. The file is replaced (atomically) only when its content changes."""
+    if args.plans == "default":
+        name, tag = "nnUNetPlans", "default"
+    else:
+        from multitask_nnunet.tiny_plans import write_tiny_plans
+        planned = load(preprocessed / "nnUNetPlans.json")["configurations"][CONFIGURATION]
+        patch = list(planned["patch_size"] if args.planned_patch else args.patch_size)
+        strides = np.prod(planned["architecture"]["arch_kwargs"]["strides"], axis=0)
+        if len(patch) != len(strides) or any(p % s for p, s in zip(patch, strides)):
+            raise SystemExit(f"--patch-size {patch}: needs {len(strides)} values divisible by the network's total "
+                             f"strides {strides.tolist()}")
+        settings = f"f{args.base_features}-{args.max_features}-b{args.batch_size}-p{'x'.join(map(str, patch))}"
+        tag = f"small-{settings}"
+        default = (args.base_features, args.max_features, args.batch_size, patch) == \
+            (SMALL_FEATURES["base_features"], SMALL_FEATURES["max_features"], 2, SMALL_PATCH)
+        name = SMALL_PLANS if default else f"{SMALL_PLANS}_{settings}"
+        staging = f"{name}.writing{os.getpid()}"
+        write_tiny_plans(str(preprocessed), target_plans=staging, configuration=CONFIGURATION,
+                         base_features=args.base_features, max_features=args.max_features, batch_size=args.batch_size)
+        plans = load(preprocessed / f"{staging}.json")
+        plans["plans_name"] = name
+        plans["configurations"][CONFIGURATION]["patch_size"] = patch
+        target = preprocessed / f"{name}.json"
+        if target.is_file() and load(target) == plans:
+            (preprocessed / f"{staging}.json").unlink()
+        else:
+            save(plans, preprocessed / f"{staging}.json")
+            os.replace(preprocessed / f"{staging}.json", target)
+    config = load(preprocessed / f"{name}.json")["configurations"][CONFIGURATION]
+    return {"name": name, "tag": tag, "patch_size": config["patch_size"],
+            "features_per_stage": config["architecture"]["arch_kwargs"]["features_per_stage"],
+            "n_conv_per_stage": config["architecture"]["arch_kwargs"]["n_conv_per_stage"],
+            "batch_size": config["batch_size"]}
+
+
+def is_multitask(trainer: str, env: dict) -> bool:
+    """Finds the trainer class as nnU-Net does (this fails early on a typo) and tells whether it is ours."""
+    os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from multitask_nnunet import MultitasknnUNetTrainer
+    with contextlib.redirect_stdout(io.StringIO()):
+        cls = recursive_find_trainer_class_by_name(trainer)
+    return issubclass(cls, MultitasknnUNetTrainer)
+
+
+def train(args, trainer: str, plans: str, run_dir: Path, env: dict) -> dict:
+    model = run_dir / "nnUNet_results" / DATASET / f"{trainer}__{plans}__{CONFIGURATION}"
+    fold = model / "fold_0"
+    record_file = run_dir / "records" / f"{trainer}_train.json"
+    if (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file() \
+            and record_file.is_file():
+        print(f"{trainer}: trained already ({model})")
+        return {**load(record_file), "model": str(model)}
+    resume = ["--c"] if any((fold / c).is_file() for c in ("checkpoint_latest.pth", "checkpoint_final.pth")) else []
+    seconds = run(command("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-p", plans,
+                          "-device", args.device, *resume), env, run_dir / "logs" / f"{trainer}_train.log", echo=True)
+    record = {"train_seconds": seconds, "resumed": bool(resume)}
+    save(record, record_file)
+    print(f"{trainer}: nnUNetv2_train took {seconds / 60:.1f} min", flush=True)
+    return {**record, "model": str(model)}
+
+
+def training_figures(model: Path, multitask: bool) -> dict:
+    import torch
+    fold = model / "fold_0"
+    log = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    epoch_seconds = np.subtract(log["epoch_end_timestamps"], log["epoch_start_timestamps"])
+    per_region = np.array(log["dice_per_class_or_region"], dtype=float)
+    figures = {"epochs": len(log["epoch_end_timestamps"]),
+               "median_epoch_seconds": float(np.median(epoch_seconds)),
+               "val_pseudo_dice_per_epoch": per_region.round(4).tolist(),
+               "val_pseudo_dice_lesion_per_epoch": per_region[:, -1].round(4).tolist(),
+               "train_loss_per_epoch": np.round(log["train_losses"], 4).tolist()}
+    if multitask:
+        figures["val_macro_f1_per_epoch"] = np.round(log["val_macro_f1"], 4).tolist()
+        figures["train_cls_loss_per_epoch"] = np.round(log["train_cls_losses"], 4).tolist()
+        summary = fold / "validation" / "classification_summary.json"
+        figures["final_val_macro_f1"] = load(summary)["macro_f1"] if summary.is_file() else None
+    summary = load(fold / "validation" / "summary.json")
+    figures["final_val_dice_foreground_mean"] = summary["foreground_mean"]["Dice"]
+    figures["final_val_dice_per_region"] = {k: v["Dice"] for k, v in summary["mean"].items()}
+    return figures
+
+
+def predict_and_evaluate(args, trainer: str, multitask: bool, model: Path, plans: str, source: Path, raw: Path,
+                         run_dir: Path, env: dict) -> dict:
+    out = run_dir / "predictions" / trainer
+    if multitask:  # mirroring on, like stock's default, so that the masks are compared at equal TTA
+        cmd = command("multitask-nnunet", "predict", "-i", source / "test", "-o", out, "-m", model, "-f", "0",
+                      "--device", args.device, "--tta")
+        tta = "mirroring (multitask-nnunet predict --tta, auto mode)"
+    else:
+        n_proc = "1" if args.device == "cpu" else "3"
+        cmd = command("nnUNetv2_predict", "-i", source / "test", "-o", out, "-d", DATASET_ID, "-c", CONFIGURATION,
+                      "-f", "0", "-tr", trainer, "-p", plans, "-device", args.device, "-npp", n_proc, "-nps", n_proc,
+                      "--continue_prediction")
+        tta = "mirroring (nnUNetv2_predict defaults: sliding window, step 0.5)"
+    record_file = run_dir / "records" / f"{trainer}_predict.json"
+    if record_file.is_file():
+        print(f"{trainer}: predicted already ({out})")
+    else:
+        save({"predict_seconds": run(cmd, env, run_dir / "logs" / f"{trainer}_predict.log")}, record_file)
+    result = {**load(record_file), "test_tta": tta, "predictions": str(out)}
+
+    if multitask:
+        metrics_file = run_dir / "evaluation" / f"{trainer}.json"
+        run(command("multitask-nnunet", "evaluate", "--pred", out, "--gt", source / "test_labels", "--dataset-json",
+                    raw / "dataset.json", "--json", metrics_file), env, run_dir / "logs" / f"{trainer}_evaluate.log")
+        metrics = load(metrics_file)
+        result.update({"test_macro_f1": metrics["macro_f1"], "test_accuracy": metrics["accuracy"],
+                       "test_confusion_matrix": metrics["confusion_matrix"],
+                       "test_dice": {name: metrics[name] for name in metrics["regions"]}})
+    else:  # no subtype_results.csv, which multitask-nnunet evaluate requires: Dice only, same functions
+        result.update({"test_macro_f1": None,
+                       "test_dice": segmentation_dice(out, source / "test_labels", raw / "dataset.json")})
+    result["test_dice_whole"], result["test_dice_lesion"] = whole_and_lesion(result["test_dice"], raw)
+    return result
+
+
+def segmentation_dice(pred_dir: Path, gt: Path, dataset_json: Path) -> dict:
+    """Mean Dice per region of a segmentation-only prediction folder (no subtype_results.csv, which
+    ``multitask-nnunet evaluate`` requires), with the evaluator's own functions."""
+    from multitask_nnunet.evaluation.ground_truth import read_ground_truth
+    from multitask_nnunet.evaluation.label_maps import check_same_geometry, read_label_map
+    from multitask_nnunet.evaluation.metrics import case_dice, segmentation_summary
+    from multitask_nnunet.evaluation.predictions import prediction_file
+
+    truth = read_ground_truth(str(gt), str(dataset_json))
+    regions, ignore = truth.region_spec.regions, truth.region_spec.ignore_label
+    rows, has_gt = [], []
+    for case, mask in sorted(truth.masks.items()):
+        pred = prediction_file(str(pred_dir), case, truth.file_ending)
+        check_same_geometry(case, mask, pred)
+        dice = case_dice(read_label_map(mask), read_label_map(pred), regions, ignore)
+        rows.append([(dice or {}).get(n, np.nan) for n in regions])
+        has_gt.append(dice is not None)
+    summary = segmentation_summary(np.array(rows, dtype=float), list(regions), np.array(has_gt))
+    return {name: summary[name]["mean_dice"] for name in regions}
+
+
+def whole_and_lesion(dice: dict, raw: Path):
+    """(whole-region Dice, lesion Dice): the region with the most labels and the one of the highest label."""
+    labels = {name: value if isinstance(value, list) else [value]
+              for name, value in load(raw / "dataset.json")["labels"].items() if name != "background"}
+    whole = max((n for n in dice if n in labels), key=lambda n: len(labels[n]))
+    lesion = max((n for n in dice if n in labels), key=lambda n: (max(labels[n]), -len(labels[n])))
+    return dice[whole], dice[lesion]
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def fmt(value, digits=3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def compact(values, digits=2) -> str:
+    return "-" if not values else "[" + " ".join(f"{v:.{digits}f}" for v in values) + "]"
+
+
+def table(results: dict) -> str:
+    header = (f"{'trainer':<36} {'train min':>9} {'s/epoch':>7} {'final cls loss':>14} {'final-val F1':>12} "
+              f"{'test F1':>7} {'test Dice whole':>15} {'test Dice lesion':>16}")
+    lines = [header, "-" * len(header)]
+    for trainer, r in results.items():
+        losses = r.get("train_cls_loss_per_epoch")
+        minutes = f"{r['train_seconds'] / 60:.1f}" + ("*" if r["resumed"] else "")
+        lines.append(f"{trainer:<36} {minutes:>9} {r['median_epoch_seconds']:>7.1f} "
+                     f"{fmt(losses[-1] if losses else None):>14} {fmt(r.get('final_val_macro_f1')):>12} "
+                     f"{fmt(r['test_macro_f1']):>7} {fmt(r['test_dice_whole'], 4):>15} "
+                     f"{fmt(r['test_dice_lesion'], 4):>16}")
+    if any(r["resumed"] for r in results.values()):
+        lines.append("* resumed (--c): the time of the last invocation only")
+    lines.append("\nper-epoch validation macro-F1 (multitask) | per-epoch validation pseudo-Dice of the lesion:")
+    for trainer, r in results.items():
+        lines.append(f"  {trainer:<36} F1 {compact(r.get('val_macro_f1_per_epoch'))}")
+        lines.append(f"  {'':<36} lesion {compact(r['val_pseudo_dice_lesion_per_epoch'])}")
+    stock = results.get(STOCK_TRAINER)
+    if stock:
+        lines.append(f"\ntest Dice minus stock {STOCK_TRAINER} (whole, lesion):")
+        for trainer, r in results.items():
+            if trainer != STOCK_TRAINER:
+                lines.append(f"  {trainer:<36} {r['test_dice_whole'] - stock['test_dice_whole']:+.4f}  "
+                             f"{r['test_dice_lesion'] - stock['test_dice_lesion']:+.4f}")
+    lines.append("\ntest-time augmentation: " + "; ".join(sorted({r["test_tta"] for r in results.values()})))
+    return "\n".join(lines)
+
+
+def machine(device: str) -> dict:
+    import torch
+    from importlib.metadata import version
+    info = {"cpu_cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "nnunetv2": version("nnunetv2")}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                               info["cpu"])
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    import torch
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, type=Path, help="work folder (data, models, predictions, logs)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--plans", choices=["small", "default"],
+                   help="small: nnUNetSmallPlans (few features); default: nnUNetPlans unchanged "
+                        "(default: small on CPU, default on CUDA)")
+    p.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS, metavar="TRAINER",
+                   help=f"trainer classes, in order (default: {' '.join(DEFAULT_TRAINERS)})")
+    p.add_argument("--epochs", type=int, help=f"CPU default {CPU_SCHEDULE['epochs']}, CUDA {CUDA_SCHEDULE['epochs']}")
+    p.add_argument("--iterations", type=int, help=f"training iterations per epoch (CPU default "
+                                                  f"{CPU_SCHEDULE['iterations']}, CUDA {CUDA_SCHEDULE['iterations']})")
+    p.add_argument("--val-iterations", type=int, help=f"validation iterations per epoch (CPU default "
+                                                      f"{CPU_SCHEDULE['val_iterations']}, CUDA "
+                                                      f"{CUDA_SCHEDULE['val_iterations']})")
+    p.add_argument("--base-features", type=int, default=SMALL_FEATURES["base_features"],
+                   help=f"small plans: features of the first stage, doubling per stage "
+                        f"({SMALL_FEATURES['base_features']})")
+    p.add_argument("--max-features", type=int, default=SMALL_FEATURES["max_features"],
+                   help=f"small plans: feature cap ({SMALL_FEATURES['max_features']})")
+    p.add_argument("--batch-size", type=int, default=2, help="small plans: batch size (2)")
+    p.add_argument("--patch-size", type=int, nargs="+", metavar="N", default=SMALL_PATCH,
+                   help=f"small plans: patch size (z y x) instead of nnU-Net's planned one "
+                        f"(default: {' '.join(map(str, SMALL_PATCH))})")
+    p.add_argument("--planned-patch", action="store_true", help="small plans: keep nnU-Net's planned patch size")
+    p.add_argument("--cases", type=int, default=24, help="train cases (24)")
+    p.add_argument("--validation-cases", type=int, default=9, help="validation cases (9)")
+    p.add_argument("--test-cases", type=int, default=12, help="test cases (12)")
+    p.add_argument("--classes", type=int, default=3, help="classes (3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (0)")
+    p.add_argument("--num-proc-da", type=int, help="nnUNet_n_proc_DA (default: 2 on CPU, 8 on CUDA)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS (default: all cores)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure here")
+    p.add_argument("--prepare-only", action="store_true", help="stop after the data, preprocessing and plans")
+    args = p.parse_args(argv)
+    schedule = CPU_SCHEDULE if args.device == "cpu" else CUDA_SCHEDULE
+    for key, value in schedule.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.plans = args.plans or ("small" if args.device == "cpu" else "default")
+    args.num_proc_da = args.num_proc_da or (2 if args.device == "cpu" else 8)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from multitask_nnunet.registration import environment_with_trainers
+
+    started = time.perf_counter()
+    data = args.workdir.resolve() / (f"data_quiz_s{args.seed}_c{args.classes}_"
+                                     f"{args.cases}-{args.validation_cases}-{args.test_cases}")
+    env = environment_with_trainers()
+    env["nnUNet_extTrainer"] = os.pathsep.join([str(TRAINER_FOLDER), env["nnUNet_extTrainer"]])
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        (data / var).mkdir(parents=True, exist_ok=True)
+        env[var] = str(data / var)
+    env.setdefault("nnUNet_def_n_proc", str(min(os.cpu_count() or 1, 8)))  # nnU-Net's pools (validation export)
+    env.update({"nnUNet_n_proc_DA": str(args.num_proc_da), "OMP_NUM_THREADS": str(args.threads),
+                **{var: str(getattr(args, key)) for key, var in SCHEDULE_VARIABLES.items()}})
+    multitask = {t: is_multitask(t, env) for t in args.trainers}
+
+    print(f"=== data and stock nnU-Net preprocessing: {data}", flush=True)
+    preprocessed = prepare_data(args, data, env)
+    plans = write_plans(args, preprocessed)
+    plans_tag = plans["tag"]
+    run_dir = data / "runs" / f"{plans_tag}_{args.device}_e{args.epochs}_i{args.iterations}_v{args.val_iterations}"
+    env["nnUNet_results"] = str(run_dir / "nnUNet_results")
+    print(f"plans {plans['name']}: patch {plans['patch_size']}, features {plans['features_per_stage']}, "
+          f"batch {plans['batch_size']}; schedule {args.epochs} epochs x {args.iterations} iterations "
+          f"(+{args.val_iterations} validation iterations); device {args.device}, nnUNet_n_proc_DA "
+          f"{args.num_proc_da}, nnUNet_def_n_proc {env['nnUNet_def_n_proc']}, OMP_NUM_THREADS {args.threads}\n"
+          f"run folder {run_dir}", flush=True)
+    if args.prepare_only:
+        return 0
+
+    results, failed = {}, {}
+    for trainer in args.trainers:
+        print(f"\n=== {trainer} ({'multitask' if multitask[trainer] else 'stock, segmentation only'})", flush=True)
+        try:
+            record = train(args, trainer, plans["name"], run_dir, env)
+            model = Path(record["model"])
+            figures = training_figures(model, multitask[trainer])
+            test = predict_and_evaluate(args, trainer, multitask[trainer], model, plans["name"], data / "synthetic",
+                                        data / "nnUNet_raw" / DATASET, run_dir, env)
+        except SystemExit as e:  # a failed command: report it, go on with the next trainer
+            failed[trainer] = str(e)
+            print(f"{trainer} FAILED: {e}", flush=True)
+            continue
+        results[trainer] = {"multitask": multitask[trainer], **record, **figures, **test}
+
+    report = table(results) + "".join(f"\nFAILED {t}: {message}" for t, message in failed.items())
+    step_seconds = load(data / "prepared.json")["prepare_seconds"] + sum(
+        r["train_seconds"] + r["predict_seconds"] for r in results.values())
+    print(f"\n=== results ({args.device}, plans {plans_tag}, {args.epochs} epochs x {args.iterations} iterations, "
+          f"{args.cases}/{args.validation_cases}/{args.test_cases} train/validation/test cases, seed {args.seed})\n"
+          + report + f"\n\nwall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min; of every "
+          f"step from scratch (data + preprocessing, trainings, predictions; as recorded when each ran): "
+          f"{step_seconds / 60:.1f} min")
+    if args.json:
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        save({"command": " ".join([sys.executable, *sys.argv]), "settings": settings, "plans": plans,
+              "run_folder": str(run_dir), "machine": machine(args.device),
+              "invocation_seconds": time.perf_counter() - started, "from_scratch_seconds": step_seconds,
+              "results": results, "failed": failed, "table": report}, args.json)
+        print(f"figures: {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Trainers of ``benchmarks/classification_learning.py``: one schedule for all, set by the benchmark.
+
+The benchmark puts this folder into ``nnUNet_extTrainer``, so stock ``nnUNetv2_train ... -tr NAME`` finds these
+classes. Each one only sets the schedule, read from environment variables that the benchmark sets from its
+``--epochs``, ``--iterations`` and ``--val-iterations`` (nnU-Net's defaults where a variable is unset):
+
+    MULTITASK_BENCH_EPOCHS            num_epochs
+    MULTITASK_BENCH_ITERATIONS        num_iterations_per_epoch
+    MULTITASK_BENCH_VAL_ITERATIONS    num_val_iterations_per_epoch
+
+- ``nnUNetTrainer_ClsBench``: stock nnU-Net, segmentation only (the Dice reference).
+- ``MultitasknnUNetTrainer_ClsBenchGAP``: the seed's head (global average pooling of the bottleneck) with
+  nnU-Net's optimizer: the classification reference.
+- ``MultitasknnUNetTrainer_ClsBench``: the package's default head and optimizer.
+
+nnU-Net records a trainer's init arguments through ``locals()``, so every class keeps nnU-Net's explicit
+``__init__`` signature.
+"""
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from multitask_nnunet import MultitasknnUNetTrainer
+
+__all__ = ["nnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchGAP", "MultitasknnUNetTrainer_ClsBench"]
+
+SCHEDULE_VARIABLES = {"num_epochs": "MULTITASK_BENCH_EPOCHS",
+                      "num_iterations_per_epoch": "MULTITASK_BENCH_ITERATIONS",
+                      "num_val_iterations_per_epoch": "MULTITASK_BENCH_VAL_ITERATIONS"}
+
+
+def _set_schedule(trainer) -> None:
+    for attribute, variable in SCHEDULE_VARIABLES.items():
+        value = os.environ.get(variable)
+        if value:
+            setattr(trainer, attribute, int(value))
+
+
+class nnUNetTrainer_ClsBench(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _set_schedule(self)
+
+
+def _scale_curriculum(trainer, seg_warmup: float, phase1: float) -> None:
+    """Phase boundaries as fractions of the benchmark's epochs (at least one epoch per phase when > 0)."""
+    trainer.seg_warmup_epochs = max(1, round(seg_warmup * trainer.num_epochs)) if seg_warmup > 0 else 0
+    trainer.phase1_epochs = max(trainer.seg_warmup_epochs + 1, round(phase1 * trainer.num_epochs))
+    trainer.head_warmup_epochs = max(1, round(0.005 * trainer.num_epochs))
+    trainer.best_weight_ramp_epochs = max(1, round(0.05 * trainer.num_epochs))
+
+
+class MultitasknnUNetTrainer_ClsBenchGAP(MultitasknnUNetTrainer):
+    """The first design, as measured in the issue: GAP of the bottleneck, the head in nnU-Net's SGD, one global
+    clip at 1.0, loss weights 1.0 then 0.3, no segmentation warm-up, phase switch at a quarter of the epochs."""
+    head_class = "GAPHead"
+    separate_head_optimizer = False
+    grad_clip_norm = 1.0
+    phase1_cls_weight = 1.0
+    phase2_cls_weight = 0.3
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _set_schedule(self)
+        _scale_curriculum(self, 0, 0.25)
+
+
+class MultitasknnUNetTrainer_ClsBench(MultitasknnUNetTrainer):
+    """The package's defaults (SegGuidedHead, its own AdamW, nnU-Net's SGD and clip 12 for segmentation), with
+    the default curriculum's proportions: segmentation only for the first 5% of the epochs (50 of 1000), the
+    head on detached features until half of them (500 of 1000), then joint."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _set_schedule(self)
+        _scale_curriculum(self, MultitasknnUNetTrainer.seg_warmup_epochs / 1000,
+                          MultitasknnUNetTrainer.phase1_epochs / 1000)

@@ -1,0 +1,216 @@
+"""Classification heads: one registry, one builder.
+
+Like nnU-Net's plans, which name an architecture by its class and kwargs and rebuild it from them, a head is
+described by a *spec*, ``{"class_name": ..., "kwargs": {...}}``. The trainer plans the spec
+(``plan_head``), the checkpoint stores it beside the head's weights, and training, final validation and
+``multitask-nnunet predict`` all rebuild the head from it through ``build_head``.
+
+Every head has one interface::
+
+    head(skips, segmentation_logits) -> class logits (B, K)
+
+``skips`` are the encoder's outputs, stage 0 (highest resolution) to the bottleneck; ``segmentation_logits``
+is the decoder's highest-resolution output of the same forward pass (B, C_seg, *spatial). Heads work for 2d
+and 3d alike.
+
+- ``SegGuidedHead`` (the default): pools several encoder stages, each weighted by the network's own predicted
+  probability of the structure that carries the class (the *guide*, detached), concatenated with the global
+  average of the bottleneck, then a small MLP. A structure that fills well under 1% of the crop is invisible
+  to a global average after instance norm; weighting by its predicted probability pools exactly there.
+- ``GAPHead`` (the first design, kept for comparison): global average pooling of the bottleneck and an MLP.
+"""
+from typing import Dict, List, Optional, Sequence, Type, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from multitask_nnunet.errors import InputError
+
+FOREGROUND_GUIDE = "foreground"
+
+
+def _mlp(in_features: int, hidden: Sequence[int], num_classes: int, dropout: float) -> nn.Sequential:
+    """LayerNorm, then Linear -> ReLU -> Dropout per hidden width, then Linear to the class logits."""
+    layers: List[nn.Module] = [nn.LayerNorm(in_features)]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.float().mean(dim=tuple(range(2, x.ndim)))
+
+
+class GAPHead(nn.Module):
+    """Global average pooling of the bottleneck, LayerNorm, then an MLP to ``num_classes`` logits."""
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: Sequence[int] = (128, 64), dropout: float = 0.3):
+        super().__init__()
+        self.mlp = _mlp(in_channels, hidden, num_classes, dropout)
+
+    @classmethod
+    def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None, **overrides) -> dict:
+        return {"in_channels": int(encoder_channels[-1]), "num_classes": int(num_classes), "hidden": [128, 64],
+                "dropout": 0.3, **overrides}
+
+    def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: Optional[torch.Tensor] = None):
+        return self.mlp(_spatial_mean(skips[-1]))
+
+
+class SegGuidedHead(nn.Module):
+    """Guide-weighted pooling of encoder stages ``pool_stages`` plus the bottleneck's global average, then an MLP.
+
+    The guide is the predicted probability of the structure that carries the class: the sigmoid of region
+    channels ``guide_channels`` (their union, for region-based datasets) or the summed softmax of label
+    channels (label-based), kept where it is >= 0.5 (the predicted structure). It is computed without
+    gradient, area-averaged down to each stage's grid, and normalised to sum to one per case, so the pooled
+    feature is a guide-weighted mean. When fewer than ``min_guide_voxels`` voxels of a case are predicted as
+    the guide structure, the predicted foreground (``foreground_channels``) is used instead, and when that is
+    empty too, plain global pooling: never a division by zero or a NaN.
+    """
+
+    def __init__(self, encoder_channels: Sequence[int], num_classes: int, guide_channels: Sequence[int],
+                 foreground_channels: Sequence[int], guide_activation: str = "sigmoid",
+                 pool_stages: Optional[Sequence[int]] = None, hidden: Sequence[int] = (128,), dropout: float = 0.3,
+                 min_guide_voxels: float = 1.0):
+        super().__init__()
+        if guide_activation not in ("sigmoid", "softmax"):
+            raise ValueError(f"guide_activation must be 'sigmoid' or 'softmax', got {guide_activation!r}")
+        n = len(encoder_channels)
+        self.pool_stages = [s % n for s in (range(1, n) if pool_stages is None else pool_stages)]
+        self.guide_channels = [int(c) for c in guide_channels]
+        self.foreground_channels = [int(c) for c in foreground_channels]
+        self.guide_activation = guide_activation
+        self.min_guide_voxels = float(min_guide_voxels)
+        pooled = sum(int(encoder_channels[s]) for s in self.pool_stages) + int(encoder_channels[-1])
+        self.mlp = _mlp(pooled, hidden, num_classes, dropout)
+
+    @classmethod
+    def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None, **overrides) -> dict:
+        if guide is None:
+            raise ValueError("SegGuidedHead needs a guide (see resolve_guide)")
+        return {"encoder_channels": [int(c) for c in encoder_channels], "num_classes": int(num_classes),
+                "guide_channels": list(guide["guide_channels"]),
+                "foreground_channels": list(guide["foreground_channels"]),
+                "guide_activation": guide["guide_activation"], "pool_stages": None, "hidden": [128],
+                "dropout": 0.3, "min_guide_voxels": 1.0, **overrides}
+
+    def _probability(self, probabilities: torch.Tensor, channels: List[int]) -> torch.Tensor:
+        selected = probabilities[:, channels]
+        # regions overlap (union = max); labels are exclusive (union = sum)
+        return selected.amax(1) if self.guide_activation == "sigmoid" else selected.sum(1)
+
+    @torch.no_grad()
+    def pooling_weights(self, segmentation_logits: torch.Tensor) -> torch.Tensor:
+        """(B, 1, *spatial) float32 weights at the segmentation's resolution: the predicted guide structure
+        (voxels with probability >= 0.5, weighted by that probability), else the predicted foreground, else
+        uniform. Only predicted voxels count: a diffuse low probability over a whole crop (early in training)
+        would otherwise outweigh a small structure."""
+        logits = segmentation_logits.detach().float()
+        probabilities = torch.sigmoid(logits) if self.guide_activation == "sigmoid" else torch.softmax(logits, 1)
+        guide = self._probability(probabilities, self.guide_channels)
+        foreground = self._probability(probabilities, self.foreground_channels)
+        guide, foreground = guide * (guide >= 0.5), foreground * (foreground >= 0.5)
+        predicted = lambda w: (w > 0).flatten(1).sum(1).view(-1, *([1] * (w.ndim - 1)))  # noqa: E731
+        weights = torch.where(predicted(guide) >= self.min_guide_voxels, guide,
+                              torch.where(predicted(foreground) >= self.min_guide_voxels, foreground,
+                                          torch.ones_like(guide)))
+        return weights[:, None]
+
+    def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: torch.Tensor) -> torch.Tensor:
+        weights = self.pooling_weights(segmentation_logits)
+        pooled = []
+        for s in self.pool_stages:
+            features = skips[s]
+            w = _area_resize(weights, features.shape[2:])
+            w = w / w.flatten(1).sum(1).clamp_min(1e-12).view(-1, *([1] * (w.ndim - 1)))
+            # float32 on purpose: a weighted mean over ~10^6 voxels must not be accumulated in fp16
+            with torch.autocast(features.device.type, enabled=False):
+                pooled.append(torch.bmm(features.float().flatten(2), w.flatten(2).transpose(1, 2))[..., 0])
+        pooled.append(_spatial_mean(skips[-1]))
+        return self.mlp(torch.cat(pooled, 1))
+
+
+def _area_resize(weights: torch.Tensor, size) -> torch.Tensor:
+    size = tuple(int(s) for s in size)
+    if tuple(weights.shape[2:]) == size:
+        return weights
+    pool = F.adaptive_avg_pool3d if weights.ndim == 5 else F.adaptive_avg_pool2d
+    return pool(weights, size)
+
+
+#: every head the builder knows, by class name (the name stored in checkpoints)
+HEADS: Dict[str, Type[nn.Module]] = {"SegGuidedHead": SegGuidedHead, "GAPHead": GAPHead}
+
+
+def plan_head(class_name: str, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None,
+              **overrides) -> dict:
+    """The spec of a head: its class name and the complete kwargs that ``build_head`` rebuilds it from."""
+    if class_name not in HEADS:
+        raise InputError(f"unknown classification head '{class_name}'; known heads: {', '.join(HEADS)}")
+    kwargs = HEADS[class_name].plan(encoder_channels, num_classes, guide, **overrides)
+    return {"class_name": class_name, "kwargs": _plain(kwargs)}
+
+
+def build_head(spec: dict) -> nn.Module:
+    """The one builder: ``HEADS[spec['class_name']](**spec['kwargs'])``."""
+    if spec.get("class_name") not in HEADS:
+        raise InputError(f"unknown classification head '{spec.get('class_name')}'; known heads: {', '.join(HEADS)}")
+    return HEADS[spec["class_name"]](**spec["kwargs"])
+
+
+def head_spec_from_checkpoint(entry: dict) -> dict:
+    """The spec stored in a checkpoint's ``classification_head`` entry. Checkpoints written before the registry
+    existed (version 0.1.0: ``hidden``/``dropout`` keys, a GAP head) map onto ``GAPHead``."""
+    if "class_name" in entry:
+        return {"class_name": entry["class_name"], "kwargs": entry["kwargs"]}
+    in_channels = int(entry["state_dict"]["mlp.0.weight"].shape[0])
+    return {"class_name": "GAPHead", "kwargs": {"in_channels": in_channels, "num_classes": int(entry["num_classes"]),
+                                                "hidden": list(entry["hidden"]), "dropout": float(entry["dropout"])}}
+
+
+def resolve_guide(label_manager, dataset_json: dict, guide: Optional[Union[str, int]] = None) -> dict:
+    """Which segmentation channels guide ``SegGuidedHead``.
+
+    ``guide`` None: the last region of ``regions_class_order`` (region-based datasets) or the highest label;
+    ``"foreground"``: every foreground channel; otherwise a region or label name from dataset.json's
+    ``labels`` (or a label value). The foreground channels are the fallback for an empty guide."""
+    n = int(label_manager.num_segmentation_heads)
+    if label_manager.has_regions:
+        activation, foreground = "sigmoid", list(range(n))
+    else:
+        activation, foreground = "softmax", list(range(1, n))
+    if guide is None:
+        channels = [n - 1]
+    elif guide == FOREGROUND_GUIDE:
+        channels = foreground
+    else:
+        channels = [_channel_of(label_manager, dataset_json, guide)]
+    return {"guide_channels": channels, "foreground_channels": foreground, "guide_activation": activation}
+
+
+def _channel_of(label_manager, dataset_json: dict, guide: Union[str, int]) -> int:
+    labels = dataset_json["labels"]
+    value = labels.get(guide, guide) if isinstance(guide, str) else guide
+    if label_manager.has_regions:
+        region = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        regions = [tuple(r) if isinstance(r, (list, tuple)) else (r,) for r in label_manager.foreground_regions]
+        if region in regions:
+            return regions.index(region)
+    elif isinstance(value, int) and value in label_manager.foreground_labels:
+        return int(value)
+    raise InputError(f"head_guide {guide!r}: not a foreground region or label of this dataset "
+                     f"(labels: {', '.join(map(str, labels))}; or '{FOREGROUND_GUIDE}')")
+
+
+def _plain(value):
+    """JSON-like copy (lists, not tuples), so specs compare equal after a checkpoint round trip."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

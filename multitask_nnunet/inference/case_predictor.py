@@ -1,0 +1,179 @@
+"""The one-case predictor, the single prediction API: load a trained model once, then predict one case at a time.
+
+    predictor = CasePredictor(MODEL_DIR, PredictorOptions(device="cpu"))
+    result = predictor.predict_case(["case_0000.nii.gz"])          # or an array (c, *spatial) + {'spacing': ...}
+    result.segmentation, result.probabilities, result.class_name, result.path, result.timings
+    predictor.write_mask(result, "case.nii.gz")
+
+A case goes through four stages, each timed: read (the plans' image reader), preprocess (nnU-Net's
+preprocessor from the plans), network (``MultitaskPredictor``: whole volume or sliding window, TTA, folds) and
+export (nnU-Net's export to the input's geometry, export.py). ``predict_case`` runs them in a row;
+``multitask-nnunet predict`` (batch.py) runs the same two halves, ``prepare`` (read + preprocess) in
+background threads and ``finish`` (network + export) in the main thread, so both give the same masks and
+classes. ``prepare`` needs only the plans: with ``load_network=False`` the network is loaded later by
+``load_network()``, so that a batch run preprocesses its first cases while the network is being built.
+
+Class names come from one place, the checkpoint's head (``checkpoint["classification_head"]["class_names"]``).
+"""
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from multitask_nnunet.errors import InputError
+from multitask_nnunet.inference.case_io import CaseIO
+from multitask_nnunet.inference.export import export_configuration, segmentation_in_input_geometry
+from multitask_nnunet.inference.model_folder import resolve_folds, resolve_model_folder
+from multitask_nnunet.inference.options import PredictorOptions
+from multitask_nnunet.inference.predictor import MultitaskPredictor, NonFiniteOutputError, load_multitask_checkpoint
+from multitask_nnunet.inference.timing import EXPORT, NETWORK, PREPROCESS, READ
+
+Images = Union[str, Sequence[str], np.ndarray]
+
+
+@dataclass
+class PreparedCase:
+    """A case read and preprocessed, ready for the network (what ``prepare`` returns)."""
+    name: str
+    files: Tuple[str, ...]               # the channel files; () for an array
+    data: np.ndarray                     # preprocessed (c, x, y, z), float32
+    properties: dict                     # the reader's properties plus nnU-Net's cropping and shapes
+    shape: Tuple[int, ...]               # the input image's spatial shape (the reader's axis order)
+    timings: Dict[str, float]            # read, preprocess (s)
+    intervals: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # perf_counter start, end per stage
+
+
+@dataclass
+class CaseResult:
+    name: str
+    segmentation: np.ndarray             # label map, the input image's array shape and axis order
+    probabilities: np.ndarray            # class probabilities (K,), ensembled over TTA and folds
+    class_index: int
+    class_name: str
+    path: str                            # "whole", "sliding" or "fallback" (predictor.py)
+    fallback: Optional[str]              # what ran out of memory and what ran instead
+    properties: dict                     # the input's geometry, for write_mask
+    shape: Tuple[int, ...]               # the input's spatial shape
+    preprocessed_shape: Tuple[int, ...]  # the network's input shape (spatial)
+    timings: Dict[str, float]            # read, preprocess, network, export (s)
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    return device
+
+
+def _checkpoint_entries(model_dir: str, fold: Union[int, str], checkpoint: str) -> dict:
+    """The first fold's checkpoint, memory-mapped: its small entries are read, its weights are not."""
+    path = os.path.join(model_dir, f"fold_{fold}", checkpoint)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: checkpoint not found")
+    entries = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if "classification_head" not in entries:
+        load_multitask_checkpoint(path)  # its error message for a checkpoint that is not ours
+    return entries
+
+
+def checkpoint_class_names(model_dir: str, folds: Optional[Sequence[Union[int, str]]] = None,
+                           checkpoint: str = PredictorOptions.checkpoint) -> List[str]:
+    """The class names stored with the head of the first of ``folds``, without building the network (for a
+    batch run that has no case to predict but CSVs to write). ``CasePredictor`` checks that folds agree."""
+    model_dir = resolve_model_folder(model_dir)
+    fold = resolve_folds(model_dir, folds, checkpoint)[0]
+    return list(_checkpoint_entries(model_dir, fold, checkpoint)["classification_head"]["class_names"])
+
+
+class CasePredictor:
+    """A trained model (folds ensembled), loaded once; ``predict_case`` for each case."""
+
+    def __init__(self, model_dir, options: PredictorOptions = PredictorOptions(), load_network: bool = True):
+        self.model_dir = resolve_model_folder(model_dir)
+        self.options = options
+        self.device = resolve_device(options.device)
+        kwargs = {} if options.max_whole_voxels is None else {"max_whole_volume_voxels": options.max_whole_voxels}
+        self.predictor = MultitaskPredictor(tile_step_size=0.5, use_mirroring=options.tta, device=self.device,
+                                            mode=options.mode, **kwargs)
+        self.folds = resolve_folds(self.model_dir, options.folds, options.checkpoint)
+        # what preprocessing needs: the plans, dataset.json and the configuration the checkpoint was trained on
+        configuration = _checkpoint_entries(self.model_dir, self.folds[0], options.checkpoint)["init_args"][
+            "configuration"]
+        dataset_json = load_json(os.path.join(self.model_dir, "dataset.json"))
+        plans_manager = PlansManager(os.path.join(self.model_dir, "plans.json"))
+        self.io = CaseIO(plans_manager, plans_manager.get_configuration(configuration), dataset_json)
+        self.file_ending: str = dataset_json["file_ending"]
+        self.class_names: Optional[List[str]] = None  # from the checkpoint's head, once the network is loaded
+        if load_network:
+            self.load_network()
+
+    def load_network(self) -> None:
+        """Load every fold's checkpoint and build the network (the slow part of loading a model)."""
+        self.class_names = self.predictor.initialize_from_trained_model_folder(self.model_dir, self.folds,
+                                                                               self.options.checkpoint)
+        self.export_configuration = export_configuration(self.predictor.configuration_manager, self.device)
+
+    # ---------------------------------------------------------------- the API
+    def predict_case(self, images: Images, properties: Optional[dict] = None,
+                     name: Optional[str] = None) -> CaseResult:
+        """Segment and classify one case. ``images``: one file per channel (nnU-Net's channel order), or an
+        array (c, *spatial) in the plans' reader's axis order (SimpleITK: z, y, x) with ``properties`` holding
+        at least ``spacing`` in that order, as nnU-Net's ``predict_single_npy_array`` takes them. ``name``: for
+        messages and the result (default: from the first file name)."""
+        return self.finish(self.prepare(images, properties, name))
+
+    def write_mask(self, result: CaseResult, path: str) -> None:
+        """The label map in the input's geometry, written atomically with the plans' writer (files input, or
+        properties holding what the writer needs, e.g. SimpleITK's ``sitk_stuff``)."""
+        self.io.write_mask(result.segmentation, result.properties, path)
+
+    # ---------------------------------------------------------------- the two halves batch.py runs apart
+    def prepare(self, images: Images, properties: Optional[dict] = None, name: Optional[str] = None) -> PreparedCase:
+        """Read (files) and preprocess: CPU work, safe to run in several threads at once."""
+        t0 = time.perf_counter()
+        if isinstance(images, np.ndarray):
+            if properties is None:
+                raise InputError(f"case '{name or 'array'}': an image array needs properties with its 'spacing'")
+            files, image, name = (), images, name or "array"
+        else:
+            files = (images,) if isinstance(images, (str, os.PathLike)) else tuple(images)
+            files = tuple(os.fspath(f) for f in files)
+            name = name or self._name_from_file(files[0])
+            image, properties = self.io.read(name, files)
+        t1 = time.perf_counter()
+        data, preprocessed_properties = self.io.preprocess(image, properties, name, files)
+        t2 = time.perf_counter()
+        return PreparedCase(name, files, data, preprocessed_properties, tuple(image.shape[1:]),
+                            {READ: t1 - t0, PREPROCESS: t2 - t1}, {READ: (t0, t1), PREPROCESS: (t1, t2)})
+
+    def finish(self, case: PreparedCase) -> CaseResult:
+        """Network and export: the main thread's work in a batch run."""
+        if self.class_names is None:
+            raise RuntimeError("CasePredictor.finish: call load_network() first (load_network=False)")
+        t0 = time.perf_counter()
+        try:
+            prediction = self.predictor.predict_preprocessed_case(torch.from_numpy(case.data))
+        except NonFiniteOutputError as e:
+            source = f" ({', '.join(case.files)})" if case.files else ""
+            raise InputError(f"case '{case.name}'{source}: {e}") from None
+        t1 = time.perf_counter()
+        segmentation = segmentation_in_input_geometry(prediction.logits, case.properties,
+                                                      self.predictor.plans_manager, self.export_configuration,
+                                                      self.predictor.label_manager)
+        t2 = time.perf_counter()
+        index = int(np.argmax(prediction.probabilities))
+        return CaseResult(case.name, segmentation, prediction.probabilities, index, self.class_names[index],
+                          prediction.path, prediction.fallback, case.properties, case.shape,
+                          tuple(case.data.shape[1:]), {**case.timings, NETWORK: t1 - t0, EXPORT: t2 - t1})
+
+    def _name_from_file(self, file: str) -> str:
+        base = os.path.basename(file)
+        base = base[:-len(self.file_ending)] if base.endswith(self.file_ending) else os.path.splitext(base)[0]
+        return base[:-5] if len(base) > 5 and base[-5] == "_" and base[-4:].isdigit() else base

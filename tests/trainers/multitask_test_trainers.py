@@ -1,0 +1,27 @@
+"""Trainers for the tests only, found by nnU-Net through nnUNet_extTrainer (conftest.nnunet_env adds this
+folder after ours), exactly as a user's own subclasses are: a few iterations each, so the tests that only need
+a trained model of some kind (a head round trip, class-only cases) stay fast."""
+import torch
+
+from multitask_nnunet import MultitasknnUNetTrainer
+
+
+class MultitasknnUNetTrainer_TestShort(MultitasknnUNetTrainer):
+    """Three epochs, one per curriculum phase, of four iterations each."""
+    seg_warmup_epochs = 1
+    phase1_epochs = 2
+    head_warmup_epochs = 1
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 3
+        self.num_iterations_per_epoch = 4
+        self.num_val_iterations_per_epoch = 2
+
+
+class MultitasknnUNetTrainer_TestShortGAP(MultitasknnUNetTrainer_TestShort):
+    """The first design: global average pooling, the head in nnU-Net's SGD, one clip for all."""
+    head_class = "GAPHead"
+    separate_head_optimizer = False
+    grad_clip_norm = 1.0
