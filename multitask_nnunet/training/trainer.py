@@ -181,10 +181,6 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
     def _head_parameters(self) -> List[nn.Parameter]:
         return list(self._unwrapped_network().classification_head.parameters())
 
-    def _segmentation_parameters(self) -> List[nn.Parameter]:
-        head = {id(p) for p in self._head_parameters()}
-        return [p for p in self._unwrapped_network().parameters() if id(p) not in head]
-
     def configure_optimizers(self):
         """nnU-Net's SGD + poly schedule; with ``separate_head_optimizer`` it holds the segmentation network only
         and the head gets its own AdamW (learning rate set per epoch, see ``head_learning_rate``)."""
@@ -254,8 +250,10 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         if self.head_optimizer is None:
             torch.nn.utils.clip_grad_norm_(self._unwrapped_network().parameters(), self.grad_clip_norm)
         else:
-            torch.nn.utils.clip_grad_norm_(self._segmentation_parameters(), self.grad_clip_norm)
-            torch.nn.utils.clip_grad_norm_(self._head_parameters(), self.head_grad_clip_norm)
+            # each optimizer's own parameters (configure_optimizers split them once)
+            for optimizer, max_norm in ((self.optimizer, self.grad_clip_norm),
+                                        (self.head_optimizer, self.head_grad_clip_norm)):
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']], max_norm)
         for optimizer in optimizers:
             scaler.step(optimizer) if scaler is not None else optimizer.step()
         if scaler is not None:
