@@ -78,7 +78,8 @@ DATASET = f"Dataset{DATASET_ID}_ClsBenchQuiz"
 CONFIGURATION = "3d_fullres"
 SMALL_PLANS = "nnUNetSmallPlans"
 STOCK_TRAINER = "nnUNetTrainer_ClsBench"
-DEFAULT_TRAINERS = [STOCK_TRAINER, "MultitasknnUNetTrainer_ClsBenchGAP", "MultitasknnUNetTrainer_ClsBench"]
+DEFAULT_TRAINERS = [STOCK_TRAINER, "MultitasknnUNetTrainer_ClsBenchGAP", "MultitasknnUNetTrainer_ClsBench",
+                    "MultitasknnUNetTrainer_ClsBenchNoTF"]
 CPU_SCHEDULE = {"epochs": 12, "iterations": 50, "val_iterations": 10}
 CUDA_SCHEDULE = {"epochs": 40, "iterations": 50, "val_iterations": 10}
 SMALL_FEATURES = {"base_features": 4, "max_features": 64}

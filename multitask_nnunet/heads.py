@@ -7,11 +7,13 @@ described by a *spec*, ``{"class_name": ..., "kwargs": {...}}``. The trainer pla
 
 Every head has one interface::
 
-    head(skips, segmentation_logits) -> class logits (B, K)
+    head(skips, segmentation_logits, guide_target=None) -> class logits (B, K)
 
 ``skips`` are the encoder's outputs, stage 0 (highest resolution) to the bottleneck; ``segmentation_logits``
-is the decoder's highest-resolution output of the same forward pass (B, C_seg, *spatial). Heads work for 2d
-and 3d alike.
+is the decoder's highest-resolution output of the same forward pass (B, C_seg, *spatial). ``guide_target``
+(training only, optional) is the ground-truth mask of the guide structure at the same resolution
+(B, 1, *spatial): a head that pools by a guide may pool over it instead of the prediction ("teacher forcing",
+as Faster R-CNN adds ground-truth boxes to its proposals). Heads work for 2d and 3d alike.
 
 - ``SegGuidedHead`` (the default): pools several encoder stages, each weighted by the network's own predicted
   probability of the structure that carries the class (the *guide*, detached), concatenated with the global
@@ -57,7 +59,8 @@ class GAPHead(nn.Module):
         return {"in_channels": int(encoder_channels[-1]), "num_classes": int(num_classes), "hidden": [128, 64],
                 "dropout": 0.3, **overrides}
 
-    def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: Optional[torch.Tensor] = None):
+    def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: Optional[torch.Tensor] = None,
+                guide_target: Optional[torch.Tensor] = None):
         return self.mlp(_spatial_mean(skips[-1]))
 
 
@@ -71,6 +74,12 @@ class SegGuidedHead(nn.Module):
     feature is a guide-weighted mean. When fewer than ``min_guide_voxels`` voxels of a case are predicted as
     the guide structure, the predicted foreground (``foreground_channels``) is used instead, and when that is
     empty too, plain global pooling: never a division by zero or a NaN.
+
+    In training, a case whose ``guide_target`` (the ground-truth guide mask, see the module docstring) holds at
+    least ``min_guide_voxels`` voxels is pooled over that mask instead: the head then learns what the
+    structure looks like from the first epoch on, also while the segmentation has not found it yet (a lesion
+    of < 1% of the crop is segmented late). Cases without it (no mask, the structure outside the patch, or not
+    chosen for teacher forcing) use the prediction, as at inference.
     """
 
     def __init__(self, encoder_channels: Sequence[int], num_classes: int, guide_channels: Sequence[int],
@@ -105,11 +114,13 @@ class SegGuidedHead(nn.Module):
         return selected.amax(1) if self.guide_activation == "sigmoid" else selected.sum(1)
 
     @torch.no_grad()
-    def pooling_weights(self, segmentation_logits: torch.Tensor) -> torch.Tensor:
-        """(B, 1, *spatial) float32 weights at the segmentation's resolution: the predicted guide structure
-        (voxels with probability >= 0.5, weighted by that probability), else the predicted foreground, else
-        uniform. Only predicted voxels count: a diffuse low probability over a whole crop (early in training)
-        would otherwise outweigh a small structure."""
+    def pooling_weights(self, segmentation_logits: torch.Tensor,
+                        guide_target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 1, *spatial) float32 weights at the segmentation's resolution: the ground-truth guide mask where
+        ``guide_target`` has one (training), else the predicted guide structure (voxels with probability >= 0.5,
+        weighted by that probability), else the predicted foreground, else uniform. Only predicted voxels count:
+        a diffuse low probability over a whole crop (early in training) would otherwise outweigh a small
+        structure."""
         logits = segmentation_logits.detach().float()
         probabilities = torch.sigmoid(logits) if self.guide_activation == "sigmoid" else torch.softmax(logits, 1)
         guide = self._probability(probabilities, self.guide_channels)
@@ -119,10 +130,14 @@ class SegGuidedHead(nn.Module):
         weights = torch.where(predicted(guide) >= self.min_guide_voxels, guide,
                               torch.where(predicted(foreground) >= self.min_guide_voxels, foreground,
                                           torch.ones_like(guide)))
+        if guide_target is not None:
+            target = (guide_target.detach()[:, 0] > 0).float()
+            weights = torch.where(predicted(target) >= self.min_guide_voxels, target, weights)
         return weights[:, None]
 
-    def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: torch.Tensor) -> torch.Tensor:
-        weights = self.pooling_weights(segmentation_logits)
+    def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: torch.Tensor,
+                guide_target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weights = self.pooling_weights(segmentation_logits, guide_target)
         pooled = []
         for s in self.pool_stages:
             features = skips[s]

@@ -5,7 +5,7 @@ its state-dict keys are exactly nnU-Net's plus ``classification_head.*``; nnU-Ne
 ``network.decoder.deep_supervision`` keep working, and the segmentation weights load into a stock network.
 The head is built elsewhere (multitask_nnunet.heads) and handed in.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,8 +22,9 @@ class MultitaskUNet(nn.Module):
     ``(segmentation, class_logits)`` from the same pass: the head sees the encoder's skips and the decoder's
     highest-resolution segmentation logits (see multitask_nnunet.heads). ``detach_features=True`` (the
     curriculum's head-only phases) feeds the head detached skips, so the classification loss sends no gradient
-    into the encoder; the segmentation logits a head uses as a guide are always detached. Both go through
-    ``forward`` so that DDP and torch.compile wrappers see the multi-task call too.
+    into the encoder; the segmentation logits a head uses as a guide are always detached. ``guide_target``
+    (training only) is handed to the head (see multitask_nnunet.heads). Both go through ``forward`` so that DDP
+    and torch.compile wrappers see the multi-task call too.
     """
 
     def __init__(self, segmentation_network: nn.Module, head: nn.Module):
@@ -33,7 +34,8 @@ class MultitaskUNet(nn.Module):
         self.decoder = segmentation_network.decoder
         self.classification_head = head
 
-    def forward(self, x: torch.Tensor, return_classification: bool = False, detach_features: bool = False):
+    def forward(self, x: torch.Tensor, return_classification: bool = False, detach_features: bool = False,
+                guide_target: Optional[torch.Tensor] = None):
         skips = self.encoder(x)
         segmentation = self.decoder(skips)
         if not return_classification:
@@ -41,7 +43,7 @@ class MultitaskUNet(nn.Module):
         if detach_features:
             skips = [s.detach() for s in skips]
         full_resolution = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
-        return segmentation, self.classification_head(skips, full_resolution.detach())
+        return segmentation, self.classification_head(skips, full_resolution.detach(), guide_target)
 
     def forward_multitask(self, x: torch.Tensor, detach_features: bool = False) -> Tuple[object, torch.Tensor]:
         return self(x, return_classification=True, detach_features=detach_features)

@@ -150,6 +150,24 @@ def test_seg_guided_head_falls_back_when_the_guide_is_empty():
     assert torch.isfinite(out).all()
 
 
+def test_seg_guided_head_teacher_forcing_pools_over_the_ground_truth():
+    """A case with a ground-truth guide mask pools over it, whatever the prediction says; a case whose mask is
+    empty (no ground truth, the structure outside the patch, or not chosen) keeps the prediction's weights."""
+    head = _guided_head()
+    logits = torch.full((2, 2, 4, 8, 8), -30.0)
+    logits[:, 1, 1, 1, 1:4] = 30.0                 # both cases: the prediction finds 3 voxels
+    target = torch.zeros(2, 1, 4, 8, 8)
+    target[0, 0, 2:4, 4:6, 4:6] = 1                # case 0: ground truth elsewhere, 8 voxels
+    weights = head.pooling_weights(logits, target)
+    assert torch.equal(weights[0], target[0])
+    torch.testing.assert_close(weights[1], head.pooling_weights(logits)[1])
+    features = [torch.zeros(2, 1, 4, 8, 8), torch.zeros(2, 1, 2, 4, 4)]
+    features[0][0, 0, 2:4, 4:6, 4:6] = 7
+    head.eval()
+    with torch.no_grad():  # the pooled feature follows the ground truth: the logits differ from the predicted guide's
+        assert not torch.allclose(head(features, logits, target)[0], head(features, logits)[0])
+
+
 def test_head_specs_round_trip_and_old_checkpoints_load():
     network = build("PlainConvUNet", 3)
     for name in HEADS:

@@ -222,3 +222,38 @@ def test_training_with_class_only_cases(preprocessed, tmp_path):
     summary = load_json(model_dir / "fold_0" / "validation" / "classification_summary.json")
     assert summary["n_cases"] == 9
     assert (model_dir / "fold_0" / "validation" / "summary.json").is_file()
+
+
+GUIDE_TARGET_SCRIPT = """
+import json, sys, torch
+from nnunetv2.run.run_training import get_trainer_from_args
+trainer = get_trainer_from_args(sys.argv[1], sys.argv[2], 0, sys.argv[3], sys.argv[4], device=torch.device('cpu'))
+trainer.initialize()
+loader, _ = trainer.get_dataloaders()
+batch = next(loader)
+target = batch['target']
+out = {}
+trainer.current_epoch = 0
+out['phase0_none'] = trainer._guide_target(target) is None
+trainer.current_epoch = trainer.seg_warmup_epochs
+guide = trainer._guide_target(target)
+lesion = target[0][:, 1:2].float()  # regions (1, 2) and (2,): channel 1 is the lesion
+out['equal'] = bool(torch.equal(guide, (lesion > 0).float()))
+out['voxels'] = float(guide.sum())
+out['shape_ok'] = guide.shape[2:] == target[0].shape[2:] and guide.shape[1] == 1
+_, logits = trainer.network(batch['data'], return_classification=True, detach_features=True, guide_target=guide)
+out['finite'] = bool(torch.isfinite(logits).all())
+print(json.dumps(out))
+"""
+
+
+def test_teacher_forcing_guide_is_the_lesion_ground_truth(preprocessed):
+    """In phase 1 the guide target handed to SegGuidedHead is exactly the lesion region of nnU-Net's own
+    training batch (after augmentation and region conversion); none in the segmentation warm-up."""
+    import json
+    import sys
+    env = {**preprocessed.env, "nnUNet_n_proc_DA": "0"}
+    result = run([sys.executable, "-c", GUIDE_TARGET_SCRIPT, str(DATASET_ID), CONFIG, TRAINER, PLANS], env)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == {**out, "phase0_none": True, "equal": True, "shape_ok": True, "finite": True}, out
+    assert out["voxels"] > 0  # nnU-Net oversamples foreground: the batch holds lesion voxels

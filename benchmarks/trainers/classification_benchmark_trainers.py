@@ -11,7 +11,9 @@ classes. Each one only sets the schedule, read from environment variables that t
 - ``nnUNetTrainer_ClsBench``: stock nnU-Net, segmentation only (the Dice reference).
 - ``MultitasknnUNetTrainer_ClsBenchGAP``: the seed's head (global average pooling of the bottleneck) with
   nnU-Net's optimizer: the classification reference.
-- ``MultitasknnUNetTrainer_ClsBench``: the package's default head and optimizer.
+- ``MultitasknnUNetTrainer_ClsBench``: the package's default head, optimizer and curriculum.
+- ``MultitasknnUNetTrainer_ClsBenchNoTF``: the same without teacher forcing of the guide (the default of
+  version 0.2.0), for the paired comparison.
 
 nnU-Net records a trainer's init arguments through ``locals()``, so every class keeps nnU-Net's explicit
 ``__init__`` signature.
@@ -23,7 +25,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from multitask_nnunet import MultitasknnUNetTrainer
 
-__all__ = ["nnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchGAP", "MultitasknnUNetTrainer_ClsBench"]
+__all__ = ["nnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchGAP", "MultitasknnUNetTrainer_ClsBench",
+           "MultitasknnUNetTrainer_ClsBenchNoTF"]
 
 SCHEDULE_VARIABLES = {"num_epochs": "MULTITASK_BENCH_EPOCHS",
                       "num_iterations_per_epoch": "MULTITASK_BENCH_ITERATIONS",
@@ -79,3 +82,9 @@ class MultitasknnUNetTrainer_ClsBench(MultitasknnUNetTrainer):
         _set_schedule(self)
         _scale_curriculum(self, MultitasknnUNetTrainer.seg_warmup_epochs / 1000,
                           MultitasknnUNetTrainer.phase1_epochs / 1000)
+
+
+class MultitasknnUNetTrainer_ClsBenchNoTF(MultitasknnUNetTrainer_ClsBench):
+    """As ``MultitasknnUNetTrainer_ClsBench``, but the guide is always the prediction (no teacher forcing)."""
+    phase1_teacher_forcing = 0.0
+    phase2_teacher_forcing = 0.0

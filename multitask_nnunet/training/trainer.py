@@ -95,6 +95,13 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
     #: sets how strongly the classification gradient shapes the encoder
     phase1_cls_weight = 1.0
     phase2_cls_weight = 0.1
+    #: teacher forcing of SegGuidedHead's guide in training: the probability, per case and step, that a case
+    #: whose patch holds ground truth of the guide structure is pooled over that ground-truth mask instead of
+    #: the network's prediction, in phase 1 and in phase 2. Phase 1 learns what the structure looks like even
+    #: before segmentation finds it; phase 2 also pools over the network's own masks, as inference does.
+    #: 0 turns it off. Validation and inference always pool over the prediction.
+    phase1_teacher_forcing = 1.0
+    phase2_teacher_forcing = 0.5
     #: warn in the log when validation has predicted a single class for this many epochs in a row
     collapse_warning_epochs = 5
 
@@ -124,6 +131,10 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
     @property
     def cls_weight(self) -> float:
         return (0.0, self.phase1_cls_weight, self.phase2_cls_weight)[self.phase]
+
+    @property
+    def teacher_forcing(self) -> float:
+        return (0.0, self.phase1_teacher_forcing, self.phase2_teacher_forcing)[self.phase]
 
     def head_learning_rate(self, epoch: int) -> float:
         if epoch < self.seg_warmup_epochs:
@@ -197,6 +208,26 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         labels = [self.class_labels.label_of(k, self._dataset_json_path()) for k in keys]
         return torch.tensor(labels, dtype=torch.long, device=self.device)
 
+    def _guide_target(self, target) -> Union[torch.Tensor, None]:
+        """(B, 1, *spatial) ground-truth mask of SegGuidedHead's guide structure at the segmentation's full
+        resolution, kept for each case with probability ``teacher_forcing`` (zero otherwise: that case pools
+        over the prediction); None when the head has no guide or teacher forcing is off."""
+        p = self.teacher_forcing
+        if p <= 0 or self.head_spec['class_name'] != 'SegGuidedHead':
+            return None
+        target = target[0] if isinstance(target, (list, tuple)) else target
+        channels = self.head_spec['kwargs']['guide_channels']
+        if self.label_manager.has_regions:
+            # region channels (nnU-Net appends the ignore mask as an extra last channel; it is not a guide)
+            mask = target[:, channels].amax(1, keepdim=True) > 0
+            if self.label_manager.has_ignore_label:
+                mask &= target[:, -1:] == 0
+        else:
+            labels = torch.tensor([self.label_manager.all_labels[c] for c in channels], device=target.device)
+            mask = torch.isin(target[:, :1].long(), labels)
+        keep = torch.rand(mask.shape[0], device=mask.device) < p
+        return (mask & keep.view(-1, *([1] * (mask.ndim - 1)))).float()
+
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context()
 
@@ -214,6 +245,8 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         if self.current_epoch in (self.seg_warmup_epochs, self.phase1_epochs) or self.current_epoch == 0:
             self.print_to_log_file(f"Phase {self.phase}: {PHASE_NAMES[self.phase]}")
         message = f"Phase {self.phase}, classification loss weight {self.cls_weight}"
+        if self.head_spec['class_name'] == 'SegGuidedHead':
+            message += f", guide teacher forcing {self.teacher_forcing}"
         if self.head_optimizer is not None:
             lr = self.head_learning_rate(self.current_epoch)
             for group in self.head_optimizer.param_groups:
@@ -236,7 +269,8 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            segmentation, class_logits = self.network(data, return_classification=True, detach_features=phase < 2)
+            segmentation, class_logits = self.network(data, return_classification=True, detach_features=phase < 2,
+                                                      guide_target=self._guide_target(target))
             seg_loss = self.loss(segmentation, target)
             cls_loss = self.classification_loss(class_logits.float(), labels)
             # w = 0 in phase 0 still gives every head parameter a (zero) gradient, as DDP requires
