@@ -6,7 +6,9 @@ loss, DDP) stays nnU-Net's. This subclass adds:
 
 - the class labels, read from dataset.json (see multitask_nnunet.class_labels) and checked at initialize;
 - a classification head from the head registry (multitask_nnunet.heads): by default ``SegGuidedHead``,
-  which pools encoder features where the network itself predicts the class-carrying structure;
+  which pools encoder features where the network itself predicts the class-carrying structure, and in
+  training, for a share of the cases (``phase1_teacher_forcing``, ``phase2_teacher_forcing``), where the
+  ground truth has it;
 - the head's own optimizer (AdamW with warm-up and poly decay, its own gradient clipping). One AMP grad
   scaler serves both optimizers, unscaling each before it is clipped;
 - a staged curriculum, ``loss = seg_loss + w * cls_loss`` with class-balanced cross-entropy:
