@@ -356,3 +356,27 @@ def test_rerun_after_kill_removes_the_staging_folder(synthetic, tmp_path):
     convert(synthetic, clean)
     assert hashes(raw_dataset(env)) == hashes(raw_dataset(clean))
     assert preprocessed_splits(env) == preprocessed_splits(clean)
+
+
+def test_rerun_after_kill_between_the_renames_puts_the_old_dataset_back(tiny, tmp_path):
+    """convert --overwrite killed between moving the old dataset aside and renaming the new one into place
+    leaves both hidden (made here by hand, named for a process that has ended): the next run puts the old
+    dataset back and removes the new one, so the rerun sees the old dataset and asks for --overwrite again."""
+    from multitask_nnunet.atomic import owner_tag
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    tag = f"{owner_tag().rsplit('-', 1)[0]}-{ended.pid}"
+    env = nnunet_env(tmp_path)
+    raw = Path(env["nnUNet_raw"])
+    old = raw / f".Dataset{DATASET_ID}_Test.old-{tag}-0123abcd"
+    new = raw / f".Dataset{DATASET_ID}_Test.tmp-{tag}-4567cdef"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+        (folder / "dataset.json").write_text(folder.name)
+
+    result = convert(tiny, env, check=False)
+    assert result.stdout.splitlines()[0] == (f"removed what an interrupted convert left in {raw}: {old.name} (put "
+                                             f"back as Dataset{DATASET_ID}_Test), {new.name}")
+    assert "already exists" in result.stderr and result.returncode == 1
+    assert sorted(p.name for p in raw.iterdir()) == [f"Dataset{DATASET_ID}_Test"]
+    assert (raw_dataset(env) / "dataset.json").read_text() == old.name
