@@ -22,10 +22,10 @@ _CHUNK = 1 << 22
 
 def check_complete(path) -> None:
     """Raises ``InputError`` naming ``path`` if it is a NIfTI file (``.nii``, ``.nii.gz``) with less data than
-    its header says. Other files, and files whose header nibabel cannot parse (the image reader then says what
-    is wrong), pass."""
+    its header says. Other files, and files that are missing or whose header cannot be read (the image reader
+    then says what is wrong), pass."""
     path = os.fspath(path)
-    if not path.endswith((".nii", ".nii.gz")):
+    if not path.endswith((".nii", ".nii.gz")) or not os.path.isfile(path):
         return
     expected = _expected_bytes(path)
     if expected is None:
@@ -49,7 +49,10 @@ def check_complete(path) -> None:
 def _expected_bytes(path: str):
     """Header + extensions + voxel data, in bytes, of the uncompressed single-file NIfTI; None if its header
     cannot be read (nibabel.load is not used: it refuses some truncated files before reading their header)."""
-    head = _first_bytes(path, nibabel.Nifti2Header.single_vox_offset)
+    try:
+        head = _first_bytes(path, nibabel.Nifti2Header.single_vox_offset)
+    except OSError:  # e.g. no permission to read it
+        return None
     header_class = next((c for c in (nibabel.Nifti1Header, nibabel.Nifti2Header) if len(head) >= c.sizeof_hdr
                          and c.sizeof_hdr in (struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0])),
                         None)
