@@ -40,7 +40,7 @@ from tqdm import tqdm
 from multitask_nnunet.atomic import remove_leftover_temporaries
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.inference.cases import Case, is_done, list_cases, part_of
-from multitask_nnunet.inference.class_rows import ClassRows, known_rows, PARTS_FOLDER
+from multitask_nnunet.inference.class_rows import PARTS_FOLDER, ClassRows, known_rows
 from multitask_nnunet.inference.model_folder import DEFAULT_PLANS, DEFAULT_TRAINER, resolve_model_folder
 from multitask_nnunet.inference.options import DEFAULT_CHECKPOINT, DEFAULT_WORKERS, BatchOptions, PredictorOptions
 from multitask_nnunet.inference.timing import (EXPORT, MODEL_LOAD, NETWORK, PREPROCESS, READ, STARTUP, WRITE,
