@@ -1,11 +1,44 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename it into place.
 
 A crash or Ctrl-C never leaves a half-written output, and a rerun can trust that an existing output file
-is complete.
+is complete. Only a process killed outright (SIGKILL, power loss) leaves its temporary file behind; every
+temporary name therefore carries its owner (``owner_tag``: host and process id), and the next run of the
+command removes the leftovers whose owner is no longer alive (``remove_leftover_temporaries``).
 """
 import os
+import re
+import socket
 import tempfile
 from contextlib import contextmanager
+from typing import List
+
+TEMPORARY_PREFIX = ".tmp_"
+# .tmp_<host>-<pid>-<mkstemp's random letters, digits and _><suffix>
+_TEMPORARY = re.compile(re.escape(TEMPORARY_PREFIX) + r"(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+(\.[^-]*)?")
+
+
+def owner_tag() -> str:
+    """``<host>-<pid>`` of this process, for temporary names, so that a later run can tell whether the process
+    that made one is still alive (``owner_is_gone``)."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def owner_is_gone(host: str, pid: str) -> bool:
+    """True only if the owner ran on this host and its process no longer exists. Temporary names of other hosts
+    (a shared output folder) are never judged: their processes cannot be seen from here."""
+    if host != _host():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False  # exists (another user's), or not a process id
+    return False
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
 
 
 @contextmanager
@@ -14,7 +47,7 @@ def atomic_path(path: str, suffix: str = ""):
     ``suffix`` keeps the extension for writers that choose the format by it (e.g. '.nii.gz')."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{owner_tag()}-", suffix=suffix, dir=folder)
     os.close(fd)
     try:
         yield tmp
@@ -24,6 +57,25 @@ def atomic_path(path: str, suffix: str = ""):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_leftover_temporaries(folder: str) -> List[str]:
+    """Remove the temporary files in ``folder`` that ``atomic_path`` left behind in a process that is gone
+    (killed mid-write); returns their names. Those of live processes (another run writing into the same folder)
+    are kept."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        match = _TEMPORARY.fullmatch(name)
+        path = os.path.join(folder, name)
+        if match and os.path.isfile(path) and owner_is_gone(match["host"], match["pid"]):
+            try:
+                os.remove(path)
+            except FileNotFoundError:  # another run removed it first
+                continue
+            removed.append(name)
+    return removed
 
 
 def _umask() -> int:

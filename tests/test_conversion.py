@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli import nnunet, ours, run
+from cli import kill_when, nnunet, ours, run
+from damage import noisy_labels, truncate
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MASKS = REPO.parent / "shared" / "data" / "real_masks"
@@ -168,6 +169,20 @@ def _set_voxel(value):
     return damage
 
 
+def _truncated(name: str, image: bool, unmasked: bool = False):
+    """``name`` (train/grade0/a_01) rewritten with poorly compressible voxels and cut to half its bytes; with
+    ``unmasked`` the case's mask is removed first (the run passes --allow-missing-masks)."""
+    def damage(root):
+        case = root / f"{name}.nii.gz"
+        if unmasked:
+            case.unlink()
+        path = root / f"{name}_0000.nii.gz" if image else case
+        values = noisy_labels((8, 8, 8), dtype=np.int16 if image else np.float32)
+        write(path, values)
+        truncate(path)
+    return damage
+
+
 BAD_INPUTS = {
     "label 3": (_set_voxel(3.0), ["a_01.nii.gz", "contains label 3"]),
     "non-integer": (_set_voxel(0.4), ["a_01.nii.gz", "value 0.4", "not integer labels"]),
@@ -182,12 +197,19 @@ BAD_INPUTS = {
     "missing mask": (lambda root: (root / "validation" / "grade1" / "b_02.nii.gz").unlink(),
                      ["missing mask", "b_02.nii.gz", "--allow-missing-masks"]),
     "existing target": (None, [f"Dataset{DATASET_ID}_Old already exists", "--overwrite"]),
+    "truncated mask": (_truncated("train/grade1/b_01", image=False),
+                       ["train/grade1/b_01.nii.gz: truncated or damaged file"]),
+    "truncated image": (_truncated("validation/grade0/a_02", image=True),
+                        ["validation/grade0/a_02_0000.nii.gz: truncated or damaged file"]),
+    "truncated image without mask": (_truncated("train/grade0/a_01", image=True, unmasked=True),
+                                     ["train/grade0/a_01_0000.nii.gz: truncated or damaged file"],
+                                     "--allow-missing-masks"),
 }
 
 
 @pytest.mark.parametrize("problem", BAD_INPUTS)
 def test_bad_input_is_refused_and_leaves_nothing(problem, tiny, tmp_path):
-    damage, expected = BAD_INPUTS[problem]
+    damage, expected, *options = BAD_INPUTS[problem]
     env = nnunet_env(tmp_path)
     raw = Path(env["nnUNet_raw"])
     if damage:
@@ -195,7 +217,7 @@ def test_bad_input_is_refused_and_leaves_nothing(problem, tiny, tmp_path):
     else:
         (raw / f"Dataset{DATASET_ID}_Old").mkdir(parents=True)
         (raw / f"Dataset{DATASET_ID}_Old" / "keep.txt").write_text("old")
-    result = convert(tiny, env, check=False)
+    result = convert(tiny, env, *options, check=False)
 
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]           # earlier lines: the progress bar
@@ -283,3 +305,78 @@ def test_unset_nnunet_raw_is_named(tiny, tmp_path):
     result = convert(tiny, env, check=False)
     assert result.returncode == 1
     assert "nnUNet_raw is not set" in result.stderr
+
+
+@pytest.mark.parametrize("variable", ["nnUNet_raw", "nnUNet_preprocessed"])
+def test_unwritable_nnunet_folder_is_named_and_nothing_is_left(variable, tiny, tmp_path):
+    """The folder cannot be written: the tests run as root, whom chmod does not stop, so the variable points
+    under a regular file, which no one can create a folder in. One line names the folder; the dataset is written
+    in neither place (before, an unwritable nnUNet_preprocessed left the raw dataset written)."""
+    env = nnunet_env(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    env[variable] = str(blocker / "nnunet")
+    result = convert(tiny, env, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"multitask-nnunet convert: error: {variable} folder {blocker / 'nnunet'} is not writable: {blocker} is a "
+        f"file, not a folder"]
+    for other in {"nnUNet_raw", "nnUNet_preprocessed"} - {variable}:
+        assert not Path(env[other]).exists() or not any(Path(env[other]).iterdir())
+    assert blocker.read_text() == "not a folder"
+
+
+def test_rerun_after_kill_removes_the_staging_folder(synthetic, tmp_path):
+    """convert killed (SIGKILL) while it writes the dataset leaves its hidden staging folder; the next convert
+    removes it, says so in one line, and writes the same dataset as an uninterrupted run. A staging folder of a
+    live process (here: this test's) is left alone."""
+    env = nnunet_env(tmp_path)
+    raw = Path(env["nnUNet_raw"])
+
+    def staging_with_a_case():
+        return [p for p in raw.glob(f".Dataset{DATASET_ID}_Test.tmp-*") if any(p.glob("labelsTr/*.nii.gz"))]
+
+    for _ in range(3):  # the kill may land after the last case; try again
+        left = kill_when(ours("convert", "-i", synthetic, "-d", DATASET_ID, "-n", "Test"), env, staging_with_a_case)
+        if left:
+            break
+        shutil.rmtree(raw, ignore_errors=True)
+        shutil.rmtree(env["nnUNet_preprocessed"], ignore_errors=True)
+    assert left, "convert finished every time before it could be killed"
+    assert not raw_dataset(env).exists()
+    from multitask_nnunet.atomic import owner_tag
+    live = raw / f".Dataset{DATASET_ID + 1}_Other.tmp-{owner_tag()}-0123abcd"
+    live.mkdir()
+
+    result = convert(synthetic, env)
+    removed = [line for line in result.stdout.splitlines() if line.startswith("removed what an interrupted convert")]
+    assert removed == [f"removed what an interrupted convert left in {raw}: {left[0].name}"]
+    assert sorted(p.name for p in raw.iterdir()) == sorted([raw_dataset(env).name, live.name])
+    clean = nnunet_env(tmp_path / "clean")
+    convert(synthetic, clean)
+    assert hashes(raw_dataset(env)) == hashes(raw_dataset(clean))
+    assert preprocessed_splits(env) == preprocessed_splits(clean)
+
+
+def test_rerun_after_kill_between_the_renames_puts_the_old_dataset_back(tiny, tmp_path):
+    """convert --overwrite killed between moving the old dataset aside and renaming the new one into place
+    leaves both hidden (made here by hand, named for a process that has ended): the next run puts the old
+    dataset back and removes the new one, so the rerun sees the old dataset and asks for --overwrite again."""
+    from multitask_nnunet.atomic import owner_tag
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    tag = f"{owner_tag().rsplit('-', 1)[0]}-{ended.pid}"
+    env = nnunet_env(tmp_path)
+    raw = Path(env["nnUNet_raw"])
+    old = raw / f".Dataset{DATASET_ID}_Test.old-{tag}-0123abcd"
+    new = raw / f".Dataset{DATASET_ID}_Test.tmp-{tag}-4567cdef"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+        (folder / "dataset.json").write_text(folder.name)
+
+    result = convert(tiny, env, check=False)
+    assert result.stdout.splitlines()[0] == (f"removed what an interrupted convert left in {raw}: {old.name} (put "
+                                             f"back as Dataset{DATASET_ID}_Test), {new.name}")
+    assert "already exists" in result.stderr and result.returncode == 1
+    assert sorted(p.name for p in raw.iterdir()) == [f"Dataset{DATASET_ID}_Test"]
+    assert (raw_dataset(env) / "dataset.json").read_text() == old.name

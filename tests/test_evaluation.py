@@ -16,6 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from cli import ours, run
+from damage import noisy_labels, truncate
 
 CASES = ["quiz_0_001", "quiz_0_002", "quiz_1_003", "quiz_1_004", "quiz_2_005", "quiz_2_006"]
 TRUE = [0, 0, 1, 1, 2, 2]
@@ -219,6 +220,18 @@ def _break_shape(pred, gt):
     write_image(os.path.join(pred, "quiz_0_002.nii.gz"), label_map()[:8])
 
 
+def _truncate_prediction(pred, gt):
+    path = os.path.join(pred, "quiz_1_004.nii.gz")
+    write_image(path, noisy_labels((16, 24, 24)))
+    truncate(path)
+
+
+def _truncate_ground_truth(pred, gt):
+    path = os.path.join(gt, "validation", "subtype2", "quiz_2_005.nii.gz")
+    write_image(path, noisy_labels((16, 24, 24), dtype=np.float32))
+    truncate(path)
+
+
 @pytest.mark.parametrize("corrupt, expected", [
     (_break_missing_prediction, "case 'quiz_1_003': prediction"),
     (_break_missing_csv_row, "subtype_results.csv: case 'quiz_1_004' is missing"),
@@ -226,6 +239,8 @@ def _break_shape(pred, gt):
     (_break_class_index, "subtype_results.csv: case 'quiz_2_005' has class 3, expected a class index in [0, 2]"),
     (_break_spacing, "case 'quiz_0_002': prediction"),
     (_break_shape, "case 'quiz_0_002': prediction"),
+    (_truncate_prediction, "quiz_1_004.nii.gz: truncated or damaged file"),
+    (_truncate_ground_truth, "subtype2/quiz_2_005.nii.gz: truncated or damaged file"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, corrupt, expected):
     gt = write_quiz_truth(str(tmp_path / "data"))

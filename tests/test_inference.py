@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli import ours, run
+from cli import kill_when, ours, run
+from damage import truncate
 
 REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct"
 REAL_CASES = ("quiz_512", "quiz_130")  # the two smallest, one with 3 mm slices (anisotropic resampling)
@@ -195,6 +196,78 @@ def test_bad_inputs(trained, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(f"multitask-nnunet predict: error: "
                                                              f"{expected['unreadable']}")
     assert list(probabilities(tmp_path / "out2")) == ["a_good.nii.gz"]
+
+
+def test_truncated_image_fails_its_case_only(trained, tmp_path):
+    """Half of a .nii.gz (an interrupted copy): SimpleITK would read it with zeros for the missing voxels and
+    predict. The case fails with one line naming the file, gets no mask and no CSV row; with
+    --continue-on-error the other case is predicted. The truncated real CT is used as well where it is present."""
+    good, damaged = sorted((trained.source / "test").glob("*_0000.nii.gz"))[:2]
+    (tmp_path / "in").mkdir()
+    shutil.copy(good, tmp_path / "in" / "a_good_0000.nii.gz")
+    bad = {"b_half": damaged}
+    if (REAL_CT / f"{REAL_CASES[0]}_0000.nii.gz").is_file():
+        bad["c_real_half"] = REAL_CT / f"{REAL_CASES[0]}_0000.nii.gz"
+    for name, source in bad.items():
+        shutil.copy(source, tmp_path / "in" / f"{name}_0000.nii.gz")
+        truncate(tmp_path / "in" / f"{name}_0000.nii.gz")
+
+    result = predict(trained, tmp_path / "in", tmp_path / "out", "--continue-on-error", check=False)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("multitask-nnunet predict: error: ")]
+    assert [e.split(": truncated or damaged file: ")[0] for e in errors] == \
+        [f"multitask-nnunet predict: error: {tmp_path / 'in' / name}_0000.nii.gz" for name in sorted(bad)]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a_good.nii.gz"]
+    assert list(probabilities(tmp_path / "out")) == ["a_good.nii.gz"]
+    assert [r[0] for r in read_csv(tmp_path / "out" / "subtype_results.csv")[1:]] == ["a_good.nii.gz"]
+
+    (tmp_path / "in" / "a_good_0000.nii.gz").unlink()  # without --continue-on-error: the first bad case stops it
+    result = predict(trained, tmp_path / "in", tmp_path / "out2", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"multitask-nnunet predict: error: {tmp_path / 'in' / 'b_half_0000.nii.gz'}: truncated or damaged file: ")
+    assert not list((tmp_path / "out2").glob("*.nii.gz"))
+
+
+def test_damaged_checkpoint_is_one_line(trained, tmp_path):
+    """-chk naming a damaged checkpoint (half of the real one): one line naming the file, no output."""
+    model = tmp_path / "model"
+    (model / "fold_0").mkdir(parents=True)
+    for name in ("dataset.json", "plans.json"):
+        shutil.copy(trained.results / name, model / name)
+    damaged = model / "fold_0" / "checkpoint_damaged.pth"
+    data = (trained.fold0 / "checkpoint_final.pth").read_bytes()
+    damaged.write_bytes(data[:len(data) // 2])
+    result = run(ours("predict", "-i", trained.source / "test", "-o", tmp_path / "out", "-m", model,
+                      "-chk", damaged.name, "--device", "cpu"), trained.env, check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"multitask-nnunet predict: error: {damaged}: not a readable "
+                                                   f"checkpoint ("), lines
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_rerun_after_kill_removes_temporary_files(trained, tmp_path):
+    """predict killed (SIGKILL) while a mask is being written leaves its temporary file; the next run removes it,
+    says so in one line and finishes every case. A temporary file of a live process (this test's) is kept."""
+    from multitask_nnunet.atomic import owner_tag
+    source = trained.source / "test"
+    for attempt in range(5):  # a mask write takes milliseconds: the kill can miss it; try again in a new folder
+        out = tmp_path / f"out{attempt}"
+        left = kill_when(predict_cmd(trained, source, out), trained.env, lambda: sorted(out.glob(".tmp_*.nii.gz")))
+        if left:
+            break
+    assert left, "no kill landed during a mask write"
+    live = out / f".tmp_{owner_tag()}-live.nii.gz"
+    live.write_bytes(b"")
+
+    result = predict(trained, source, out)
+    assert f"removed {len(left)} temporary file(s) that an interrupted run left in {out}: " \
+           f"{', '.join(p.name for p in left)}" in result.stdout.splitlines()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [live.name]
+    names = sorted(p.name.replace("_0000", "") for p in source.glob("*_0000.nii.gz"))
+    assert sorted(p.name for p in out.glob("*.nii.gz") if not p.name.startswith(".")) == names
+    assert sorted(probabilities(out)) == names
 
 
 @pytest.mark.skipif(not all((REAL_CT / f"{c}_0000.nii.gz").is_file() for c in REAL_CASES),

@@ -1,6 +1,7 @@
 """MultitasknnUNetTrainer through the stock nnU-Net CLIs (plan_and_preprocess, train, predict) on the
 synthetic dataset with tiny plans."""
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -257,3 +258,69 @@ def test_teacher_forcing_guide_is_the_lesion_ground_truth(preprocessed):
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out == {**out, "phase0_none": True, "equal": True, "shape_ok": True, "finite": True}, out
     assert out["voxels"] > 0  # nnU-Net oversamples foreground: the batch holds lesion voxels
+
+
+def test_gather_under_gloo_equals_one_process(preprocessed, tmp_path):
+    """The trainer's multi-process validation, in two CPU processes under torch.distributed's gloo backend,
+    against one process: the per-epoch class outputs (``_gather`` in ``on_validation_epoch_end``, with nnU-Net's
+    own gather of the Dice counts) and the final validation (each rank predicts its share of the cases, the
+    class outputs are gathered, rank 0 writes the CSVs and summaries). nnU-Net's DDP entry point needs CUDA
+    (NCCL), so gloo_worker.py runs our functions directly; see its docstring. Three validation cases (2 + 1 per
+    rank; one per class), no mirroring, untrained weights: this is about who sees which case, not accuracy."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    preprocessed_root = tmp_path / "nnUNet_preprocessed"
+    folder = preprocessed_root / preprocessed.preprocessed.name
+    folder.mkdir(parents=True)
+    for entry in preprocessed.preprocessed.iterdir():
+        if entry.name != "splits_final.json":
+            (folder / entry.name).symlink_to(entry)
+    split = load_json(preprocessed.preprocessed / "splits_final.json")[0]
+    labels = load_json(preprocessed.preprocessed / "dataset.json")["classification"]["case_labels"]
+    val = sorted(min(c for c in split["val"] if labels[c] == k) for k in sorted(set(labels.values())))
+    (folder / "splits_final.json").write_text(json.dumps([{"train": split["train"], "val": val}]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def worker(rank, world, results):
+        env = {**os.environ, **preprocessed.env, "nnUNet_preprocessed": str(preprocessed_root),
+               "nnUNet_results": str(tmp_path / results), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, str(Path(__file__).parent / "gloo_worker.py"), str(rank), str(world), str(port),
+               str(DATASET_ID), CONFIG, TRAINER, PLANS, str(tmp_path / f"{results}_{rank}.json")]
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    processes = [worker(0, 1, "single"), worker(0, 2, "ddp"), worker(1, 2, "ddp")]
+    logs = [p.communicate(timeout=1800)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], "\n---\n".join(log[-3000:] for log in logs)
+    single, *ranks = (load_json(tmp_path / name) for name in ("single_0.json", "ddp_0.json", "ddp_1.json"))
+
+    # per epoch: the ranks validated different patches, a case among them on both ranks
+    assert ranks[0]["epoch_keys"] != ranks[1]["epoch_keys"]
+    assert set(ranks[0]["epoch_keys"]) & set(ranks[1]["epoch_keys"])
+    assert 0 < single["log"]["val_macro_f1"] < 1
+    for result in ranks:
+        assert result["gathered_keys"] == [sorted(set(r["epoch_keys"])) for r in ranks]
+        assert result["val_cases_seen"] == single["val_cases_seen"] == len(val)
+        assert result["log"].keys() == single["log"].keys()
+        for key, value in single["log"].items():
+            np.testing.assert_allclose(result["log"][key], value, rtol=1e-12, err_msg=key)
+
+    # final validation: every case exactly once, the same outputs as one process
+    folders = [Path(r["output_folder"]) / "validation" for r in (single, ranks[0])]
+    probabilities = [read_csv(f / "class_probabilities.csv") for f in folders]
+    names = [sorted(row["Names"] for row in p) for p in probabilities]
+    assert names[0] == names[1] == [f"{c}.nii.gz" for c in val]
+    for a, b in zip(*(sorted(p, key=lambda row: row["Names"]) for p in probabilities)):
+        np.testing.assert_allclose([float(v) for k, v in a.items() if k.startswith("prob_")],
+                                   [float(v) for k, v in b.items() if k.startswith("prob_")], atol=1e-6)
+    assert read_csv(folders[0] / "subtype_results.csv") == read_csv(folders[1] / "subtype_results.csv")
+    summaries = [load_json(f / "classification_summary.json") for f in folders]
+    assert summaries[0] == summaries[1] and summaries[0]["n_cases"] == len(val)
+    dice = [load_json(f / "summary.json")["foreground_mean"]["Dice"] for f in folders]
+    assert dice[0] == pytest.approx(dice[1], abs=1e-9)
+    assert sorted(p.name for p in folders[1].glob("*.nii.gz")) == names[0]

@@ -11,8 +11,9 @@ them from there if the preprocessed one is missing and never overwrites an exist
 Cases without a mask are refused unless ``--allow-missing-masks``: then they are kept for classification
 with an all-``ignore`` label map and dataset.json gets an ``"ignore"`` label.
 
-Nothing is written on bad input: the dataset is built in a hidden folder inside ``$nnUNet_raw`` and renamed
-at the end. ``--overwrite`` replaces any dataset with the same id once the new one is complete, and deletes
+Nothing is written on bad input: the dataset is built in a hidden folder inside ``$nnUNet_raw`` (its splits in
+one inside ``$nnUNet_preprocessed``) and renamed at the end; both folders must be writable. What a killed run
+left (hidden staging folders) is removed by the next run. ``--overwrite`` replaces any dataset with the same id once the new one is complete, and deletes
 its preprocessed folder, which was derived from the old data (rerun ``nnUNetv2_plan_and_preprocess``).
 """
 import argparse
@@ -31,7 +32,7 @@ from multitask_nnunet.conversion.layout import ENDING, Case, SourceDataset, scan
 from multitask_nnunet.conversion.masks import (check_same_grid, ignore_label_map, integer_label_map,
                                                read_geometry, write_label_map)
 from multitask_nnunet.conversion.splits import SPLITS_FILE, original_split, stratified_folds, write_splits
-from multitask_nnunet.conversion.staging import staged_folder
+from multitask_nnunet.conversion.staging import remove_leftover_staging, staged_folder
 from multitask_nnunet.errors import InputError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -46,6 +47,8 @@ def convert_dataset(input_dir, dataset_id: int, name: str, *, labels: LabelSpec 
     class-stratified folds over all labelled cases. Raises ``InputError`` on bad input, leaving nothing behind.
     """
     raw, preprocessed = _nnunet_folder("nnUNet_raw"), _nnunet_folder("nnUNet_preprocessed")
+    for root in (raw, preprocessed):
+        _remove_leftovers(root)
     dataset_name = _dataset_name(dataset_id, name)
     source = scan_dataset(Path(input_dir), len(channel_names))
     unmasked = [c for c in source.cases if c.mask is None]
@@ -59,14 +62,22 @@ def convert_dataset(input_dir, dataset_id: int, name: str, *, labels: LabelSpec 
     old_raw = _existing_datasets(raw, dataset_id)
     old_preprocessed = _existing_datasets(preprocessed, dataset_id)
     _refuse_clashes(dataset_id, dataset_name, old_raw + old_preprocessed, overwrite)
+    _check_writable(raw, "nnUNet_raw")
+    _check_writable(preprocessed, "nnUNet_preprocessed")
 
+    # both folders are staged and swapped in together (the preprocessed one first, a moment before the raw one):
+    # a failure while either is written leaves neither
     target = raw / dataset_name
-    with staged_folder(target, replaces=old_raw) as staged:
-        _write_dataset(staged, source, spec, channel_names, dataset_name, progress)
-        write_splits(splits, staged / SPLITS_FILE)
-    for folder in old_preprocessed:
-        shutil.rmtree(folder)
-    write_splits(splits, preprocessed / dataset_name / SPLITS_FILE)
+    try:
+        with staged_folder(target, replaces=old_raw) as staged:
+            _write_dataset(staged, source, spec, channel_names, dataset_name, progress)
+            write_splits(splits, staged / SPLITS_FILE)
+            with staged_folder(preprocessed / dataset_name, replaces=old_preprocessed) as staged_preprocessed:
+                write_splits(splits, staged_preprocessed / SPLITS_FILE)
+    except OSError as e:  # e.g. the disk is full: nothing was swapped in
+        if e.filename is None:
+            raise
+        raise InputError(f"{e.filename}: {e.strerror}; nothing was written") from None
 
     print(f"{dataset_name}: {len(source.cases)} training cases ({len(source.split_cases('train'))} train, "
           f"{len(source.split_cases('validation'))} validation), {len(source.test_images)} test images, "
@@ -83,6 +94,25 @@ def _nnunet_folder(variable: str) -> Path:
         raise InputError(f"environment variable {variable} is not set; set nnUNet_raw, nnUNet_preprocessed and "
                          f"nnUNet_results to the nnU-Net data folders")
     return Path(value)
+
+
+def _remove_leftovers(root: Path) -> None:
+    removed = remove_leftover_staging(root)
+    if removed:
+        print(f"removed what an interrupted convert left in {root}: {', '.join(removed)}")
+
+
+def _check_writable(folder: Path, variable: str) -> None:
+    """Before anything is written: the folder, or the nearest existing folder above it, must be writable (a
+    folder that does not exist yet is created)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{variable} folder {folder} is not writable: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{variable} folder {folder} is not writable" +
+                         (f" (nor is {existing}, where it would be created)" if existing != folder else ""))
 
 
 def _dataset_name(dataset_id: int, name: str) -> str:

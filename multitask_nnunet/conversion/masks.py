@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from multitask_nnunet.errors import InputError
+from multitask_nnunet.nifti import check_complete
 
 VALUE_TOLERANCE = 1e-3
 GEOMETRY_TOLERANCE = 1e-4
@@ -26,7 +27,9 @@ class Geometry:
 
 
 def read_geometry(path: Path) -> Geometry:
-    """The voxel grid of an image file, from its header only (no pixel data is read)."""
+    """The voxel grid of an image file, from its header (no pixel data is read), after checking that the file is
+    not truncated (``check_complete``: the NIfTI reader would fill the missing voxels with zeros)."""
+    check_complete(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -57,6 +60,7 @@ def check_same_grid(case: str, first: Path, first_geometry: Geometry, second: Pa
 
 def integer_label_map(mask: Path, allowed: Sequence[int]) -> sitk.Image:
     """The mask rounded to integers, on the mask's own grid; fails on non-integer or undeclared values."""
+    check_complete(mask)
     try:
         image = sitk.ReadImage(str(mask))
     except RuntimeError as e:

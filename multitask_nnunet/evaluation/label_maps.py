@@ -9,6 +9,7 @@ import SimpleITK as sitk
 
 from multitask_nnunet.conversion.masks import VALUE_TOLERANCE, format_values, grid_differences, read_geometry
 from multitask_nnunet.errors import InputError
+from multitask_nnunet.nifti import check_complete
 
 
 def check_same_geometry(case: str, gt_file: str, pred_file: str) -> None:
@@ -21,7 +22,9 @@ def check_same_geometry(case: str, gt_file: str, pred_file: str) -> None:
 
 
 def read_label_map(path: str) -> np.ndarray:
-    """Integer labels; float masks are rounded when every voxel lies within ``VALUE_TOLERANCE`` of an integer."""
+    """Integer labels; float masks are rounded when every voxel lies within ``VALUE_TOLERANCE`` of an integer.
+    A truncated file is refused (``check_complete``), not read with zeros in place of its missing voxels."""
+    check_complete(path)
     array = sitk.GetArrayFromImage(sitk.ReadImage(path))
     if np.issubdtype(array.dtype, np.integer):
         return array

@@ -10,7 +10,8 @@ folder needs:
   write finished masks while the main thread runs the network and the export (``CasePredictor.finish``);
 - resumable: a case whose mask exists and whose row is in the CSVs is skipped unless ``--overwrite``. Masks
   and CSVs are written atomically, the CSVs after every finished case and merged with the rows already on
-  disk (class_rows.py), so a crash loses no finished case;
+  disk (class_rows.py), so a crash loses no finished case; the temporary files of a killed run are removed by
+  the next (atomic.py);
 - sharding: ``--num-parts N --part-id I`` predicts every N-th case of the sorted input, as nnU-Net does.
   Parts may share OUT_DIR: each keeps its rows in ``OUT_DIR/parts/part_I/``; the part that finds every case
   of the input done writes the merged CSVs. Any later run into OUT_DIR (e.g. without ``--num-parts``; it
@@ -24,6 +25,7 @@ Python API: ``predict_folder(input_dir, output_dir, model_dir, BatchOptions(...)
 case at a time, ``CasePredictor`` (case_predictor.py).
 """
 import gc
+import glob
 import os
 import sys
 import time
@@ -35,9 +37,10 @@ from typing import Deque, Dict, List, Optional
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from tqdm import tqdm
 
+from multitask_nnunet.atomic import remove_leftover_temporaries
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.inference.cases import Case, is_done, list_cases, part_of
-from multitask_nnunet.inference.class_rows import ClassRows, known_rows
+from multitask_nnunet.inference.class_rows import PARTS_FOLDER, ClassRows, known_rows
 from multitask_nnunet.inference.model_folder import DEFAULT_PLANS, DEFAULT_TRAINER, resolve_model_folder
 from multitask_nnunet.inference.options import DEFAULT_CHECKPOINT, DEFAULT_WORKERS, BatchOptions, PredictorOptions
 from multitask_nnunet.inference.timing import (EXPORT, MODEL_LOAD, NETWORK, PREPROCESS, READ, STARTUP, WRITE,
@@ -77,6 +80,7 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
         raise InputError(report.failed[min(report.failed)])
 
     os.makedirs(output_dir, exist_ok=True)
+    _remove_leftovers(output_dir)
     rows_on_disk = known_rows(output_dir)
     todo = cases if options.overwrite else [c for c in cases if not is_done(c, output_dir, rows_on_disk)]
     report.skipped = [c.name for c in cases if c not in todo]
@@ -111,6 +115,16 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
                                                   "device": str(loaded[0].device) if loaded else None,
                                                   "options": asdict(options)})
     return report
+
+
+def _remove_leftovers(output_dir: str) -> None:
+    """The temporary files of masks and CSVs that a killed run (of any part) was writing."""
+    folders = [output_dir] + sorted(glob.glob(os.path.join(output_dir, PARTS_FOLDER, "part_*")))
+    removed = [os.path.join(os.path.relpath(f, output_dir), name) if f != output_dir else name
+               for f in folders for name in remove_leftover_temporaries(f)]
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) that an interrupted run left in {output_dir}: "
+              f"{', '.join(removed)}")
 
 
 def _merge(all_cases: List[Case], output_dir: str, rows: ClassRows, report: PredictionReport, num_parts: int):

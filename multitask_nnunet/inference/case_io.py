@@ -15,7 +15,8 @@ Anything that goes wrong reading a case is an ``InputError`` naming the file: th
 to the file by reading each channel alone, and non-finite values (NaN, inf) to the channel's file. NIfTI
 needs a look of its own: its C library (inside SimpleITK) silently turns NaN and inf into 0 when reading, so
 float NIfTI files are checked with nibabel before reading (integer images cannot hold NaN and are not read
-twice).
+twice), and it fills the missing voxels of a truncated file with 0, so every NIfTI file is first checked to be
+complete (``multitask_nnunet.nifti``).
 """
 from typing import Optional, Sequence, Tuple
 
@@ -25,6 +26,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from multitask_nnunet.atomic import atomic_path
 from multitask_nnunet.errors import InputError
+from multitask_nnunet.nifti import check_complete
 
 
 class InferenceConfiguration(ConfigurationManager):
@@ -52,6 +54,7 @@ class CaseIO:
     def read(self, name: str, files: Sequence[str]) -> Tuple[np.ndarray, dict]:
         """The image (c, *spatial) as the plans' reader returns it, and its properties."""
         for file in files:
+            check_complete(file)
             _check_float_nifti_is_finite(file)
         try:
             image, properties = self.plans_manager.image_reader_writer_class().read_images(list(files))

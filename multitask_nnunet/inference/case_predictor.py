@@ -77,10 +77,7 @@ def _checkpoint_entries(model_dir: str, fold: Union[int, str], checkpoint: str) 
     path = os.path.join(model_dir, f"fold_{fold}", checkpoint)
     if not os.path.isfile(path):
         raise InputError(f"{path}: checkpoint not found")
-    entries = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    if "classification_head" not in entries:
-        load_multitask_checkpoint(path)  # its error message for a checkpoint that is not ours
-    return entries
+    return load_multitask_checkpoint(path, mmap=True)
 
 
 def checkpoint_class_names(model_dir: str, folds: Optional[Sequence[Union[int, str]]] = None,

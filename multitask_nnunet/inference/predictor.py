@@ -62,11 +62,13 @@ class PreprocessedPrediction(NamedTuple):
     fallback: Optional[str]       # what ran out of memory and what ran instead; None unless FALLBACK
 
 
-def load_multitask_checkpoint(path: str) -> dict:
+def load_multitask_checkpoint(path: str, mmap: bool = False) -> dict:
+    """The checkpoint's entries; ``InputError`` naming the file if it is damaged or not ours. ``mmap``: map the
+    weights instead of reading them (for a look at the small entries)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'no details'})") from None
