@@ -42,16 +42,17 @@ def is_chatter(line: str) -> bool:
 
 
 class ChatterFilter:
-    """A text stream that passes whole lines on to ``target``, except chatter."""
+    """A text stream that passes whole lines on to ``target``, except chatter. A line ends at "\n" or at
+    "\r" (a progress bar's update), so progress bars stay live."""
 
     def __init__(self, target):
         self.target = target
         self._partial = ""
 
     def write(self, text: str) -> int:
-        lines = (self._partial + text).split("\n")
+        lines = re.split(r"(?<=[\r\n])", self._partial + text)
         self._partial = lines.pop()
-        kept = "".join(line + "\n" for line in lines if not is_chatter(line))
+        kept = "".join(line for line in lines if not is_chatter(line))
         if kept:
             self.target.write(kept)
         return len(text)
@@ -64,6 +65,11 @@ class ChatterFilter:
 
     def __getattr__(self, name):  # encoding, isatty, fileno, ... of the real stream
         return getattr(self.target, name)
+
+
+def filtered(stream) -> ChatterFilter:
+    """``stream`` itself if it already filters chatter, else a filter in front of it."""
+    return stream if isinstance(stream, ChatterFilter) else ChatterFilter(stream)
 
 
 def python_warnings_setting(existing: str = "") -> str:
