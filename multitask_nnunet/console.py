@@ -58,18 +58,19 @@ class ChatterFilter:
         return len(text)
 
     def flush(self) -> None:
+        """Flushes what has been passed on. An unfinished line stays back until it ends (``print(a, b)``
+        writes a line in pieces; only the whole line tells whether it is chatter) or until ``close``."""
+        self.target.flush()
+
+    def close(self) -> None:
+        """Pass on the unfinished line, if it is not chatter; the target stays open."""
         if self._partial and not is_chatter(self._partial):
             self.target.write(self._partial)
-            self._partial = ""
+        self._partial = ""
         self.target.flush()
 
     def __getattr__(self, name):  # encoding, isatty, fileno, ... of the real stream
         return getattr(self.target, name)
-
-
-def filtered(stream) -> ChatterFilter:
-    """``stream`` itself if it already filters chatter, else a filter in front of it."""
-    return stream if isinstance(stream, ChatterFilter) else ChatterFilter(stream)
 
 
 def python_warnings_setting(existing: str = "") -> str:
@@ -96,4 +97,4 @@ def our_command(name: str):
             with contextlib.redirect_stdout(stdout):
                 yield
         finally:
-            stdout.flush()
+            stdout.close()
