@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with our_command(args.command):
+        with our_command(f"multitask-nnunet {args.command}"):
             return args.func(args) or 0
     except InputError as e:
         print(f"multitask-nnunet {args.command}: error: {e}", file=sys.stderr)

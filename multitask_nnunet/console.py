@@ -80,10 +80,11 @@ def python_warnings_setting(existing: str = "") -> str:
 
 
 @contextlib.contextmanager
-def our_command(name: str):
-    """Run a ``multitask-nnunet`` subcommand: chatter off stdout, ``InputWarning``s as one stderr line each."""
+def our_command(prog: str):
+    """Run one of our commands (``prog``, e.g. "multitask-nnunet convert"): chatter off stdout,
+    ``InputWarning``s as one stderr line each (``PROG: warning: ...``)."""
     def show(message, category, filename, lineno, file=None, line=None):
-        text = (f"multitask-nnunet {name}: warning: {message}" if issubclass(category, InputWarning)
+        text = (f"{prog}: warning: {message}" if issubclass(category, InputWarning)
                 else warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"))
         print(text, file=sys.stderr, flush=True)
 
