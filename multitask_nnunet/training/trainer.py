@@ -189,12 +189,14 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
 
     def get_dataloaders(self):
         """nnU-Net's data loaders; with ``seed``, their workers are restarted with seeds of their own (nnU-Net
-        starts them unseeded: batchgenerators' NonDetMultiThreadedAugmenter with ``seeds=None``)."""
+        starts them unseeded: batchgenerators' NonDetMultiThreadedAugmenter with ``seeds=None``). The seeds
+        include the epoch training starts at, so that a resumed run (``--c``) does not replay the first batches."""
         train, val = super().get_dataloaders()
         if self.seed is not None:
             for offset, augmenter in ((1000, train), (2000, val)):
                 if hasattr(augmenter, "seeds"):  # one worker process or more; else single-threaded, seeded above
-                    augmenter.seeds = [self.seed + offset + w for w in range(augmenter.num_processes)]
+                    start = self.seed + offset + 10000 * self.current_epoch
+                    augmenter.seeds = [start + w for w in range(augmenter.num_processes)]
                     augmenter.restart()
         return train, val
 
