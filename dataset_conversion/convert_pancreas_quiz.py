@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from multitask_nnunet.console import our_command
 from multitask_nnunet.conversion.convert import convert_dataset
 from multitask_nnunet.conversion.label_spec import LabelSpec
 from multitask_nnunet.errors import InputError
@@ -29,8 +30,9 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
     args = parser.parse_args(argv)
     try:
-        convert_dataset(args.input, args.dataset_id, args.name, labels=PANCREAS_LABELS, folds=args.folds,
-                        overwrite=args.overwrite)
+        with our_command(parser.prog):
+            convert_dataset(args.input, args.dataset_id, args.name, labels=PANCREAS_LABELS, folds=args.folds,
+                            overwrite=args.overwrite)
     except InputError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1

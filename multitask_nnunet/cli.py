@@ -2,12 +2,14 @@
 
 Every subcommand module exposes ``add_parser(subparsers)``, which registers its arguments and sets
 ``func`` to the function that runs it. Bad input raises ``InputError``; it is printed as one line and the
-command exits with status 1.
+command exits with status 1. Warnings about the input (``errors.warn``) are one line each, and the
+frameworks' known, harmless chatter is kept off the terminal (console.py).
 """
 import argparse
 import importlib
 import sys
 
+from multitask_nnunet.console import our_command
 from multitask_nnunet.errors import InputError
 
 SUBCOMMAND_MODULES = [
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        with our_command(f"multitask-nnunet {args.command}"):
+            return args.func(args) or 0
     except InputError as e:
         print(f"multitask-nnunet {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -5,7 +5,13 @@ MultitasknnUNetTrainer_Demo -> multitask-nnunet predict on the synthetic test im
 their ground truth. nnU-Net's own steps run as the same CLI commands a user types, with nnUNet_raw,
 nnUNet_preprocessed and nnUNet_results inside the work folder. A step whose output already exists is
 skipped, so an interrupted demo resumes where it stopped; ``--fresh`` starts over.
+
+Reproducible where nnU-Net allows it: the data are generated with a fixed seed, the trainer seeds itself and
+its data-augmentation workers (``MultitasknnUNetTrainer_Demo.seed``), and training uses one augmentation
+worker (``nnUNet_n_proc_DA=1``), so a rerun on the same machine and device repeats the run. At the end the
+test metrics are compared with what healthy runs reached (``HEALTHY``); a run clearly below gets a warning.
 """
+import codecs
 import os
 import shutil
 import subprocess
@@ -13,13 +19,26 @@ import sys
 import time
 from pathlib import Path
 
-from multitask_nnunet.errors import InputError
+from multitask_nnunet.console import ChatterFilter, python_warnings_setting
+from multitask_nnunet.errors import InputError, warn
 
 DATASET_ID = 999
 DATASET = f"Dataset{DATASET_ID}_SyntheticDemo"
 CONFIGURATION = "3d_fullres"
 PLANS = "nnUNetTinyPlans"
 TRAINER = "MultitasknnUNetTrainer_Demo"
+DATA_SEED = 0
+DA_WORKERS = "1"  # nnUNet_n_proc_DA: nnU-Net's augmenter takes batches in the order its workers finish them
+
+#: the test metrics of healthy runs: (metric key of the evaluation, what it is, warn below, range measured so
+#: far). Update the range, and MEASURED_RUNS, with each measured run.
+HEALTHY = [
+    ("foreground", "Dice, whole region (labels 1+2)", 0.85, "0.9 or more"),
+    ("label_2", "Dice, lesion (label 2)", 0.55, "0.69 to 0.82"),
+    ("macro_f1", "macro-F1 (6 test cases)", 0.5, "0.556 to 1.000"),
+]
+MEASURED_RUNS = "2 runs by issue 14's probe on a 2-core CPU, before the demo was seeded"
+EXPECTED_TIME = "7 min 19 s on 2 idle CPU cores (version 0.1.0), much longer when other jobs share the cores"
 
 
 def _step(number: int, text: str) -> None:
@@ -27,13 +46,35 @@ def _step(number: int, text: str) -> None:
 
 
 def _run(cmd: list, env: dict) -> None:
+    """Run a stock nnU-Net command; its stdout passes through the chatter filter (console.py), its stderr as is."""
     print("+ " + " ".join(cmd), flush=True)
     bin_dir = os.path.dirname(sys.executable)
     exe = os.path.join(bin_dir, cmd[0])
-    completed = subprocess.run([exe if os.path.exists(exe) else cmd[0], *cmd[1:]], env=env,
-                               stdin=subprocess.DEVNULL)
-    if completed.returncode != 0:
-        raise InputError(f"'{' '.join(cmd)}' failed with exit code {completed.returncode} (see its output above)")
+    out = ChatterFilter(sys.stdout)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with subprocess.Popen([exe if os.path.exists(exe) else cmd[0], *cmd[1:]], env={**env, "PYTHONUNBUFFERED": "1"},
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as process:
+        for chunk in iter(lambda: process.stdout.read1(65536), b""):
+            out.write(decoder.decode(chunk))
+            out.flush()
+    out.write(decoder.decode(b"", final=True))
+    out.close()
+    if process.returncode != 0:
+        raise InputError(f"'{' '.join(cmd)}' failed with exit code {process.returncode} (see its output above)")
+
+
+def health_report(results: dict) -> list:
+    """Lines comparing ``results`` (the evaluation of the test set) with HEALTHY; warns for each metric that
+    falls clearly below."""
+    lines = [f"Healthy demo runs reach ({MEASURED_RUNS}):"]
+    for key, what, floor, measured in HEALTHY:
+        value = results.get(key)
+        shown = "n/a" if value is None else f"{value:.3f}"
+        lines.append(f"  {what:<34} {measured:<16} this run {shown}")
+        if value is None or value < floor:
+            warn(f"{what} is {shown}, clearly below healthy demo runs ({measured}; warning below {floor}); "
+                 f"see README, 'The demo'")
+    return lines
 
 
 def run_demo(workdir: str, device: str = None, fresh: bool = False) -> dict:
@@ -51,6 +92,8 @@ def run_demo(workdir: str, device: str = None, fresh: bool = False) -> dict:
         shutil.rmtree(work)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = environment_with_trainers()
+    env["nnUNet_n_proc_DA"] = DA_WORKERS
+    env["PYTHONWARNINGS"] = python_warnings_setting(env.get("PYTHONWARNINGS", ""))
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (work / var).mkdir(parents=True, exist_ok=True)
         env[var] = os.environ[var] = str(work / var)  # for our in-process steps too
@@ -60,11 +103,11 @@ def run_demo(workdir: str, device: str = None, fresh: bool = False) -> dict:
     model = work / "nnUNet_results" / DATASET / f"{TRAINER}__{PLANS}__{CONFIGURATION}"
     predictions = work / "predictions"
     started = time.time()
-    print(f"multitask-nnunet demo in {work} on {device}")
+    print(f"multitask-nnunet demo in {work} on {device}; expected time {EXPECTED_TIME}")
 
-    _step(1, "synthetic dataset in the quiz layout (train/subtypeK, validation/subtypeK, test)")
+    _step(1, f"synthetic dataset in the quiz layout (train/subtypeK, validation/subtypeK, test), seed {DATA_SEED}")
     if not source.is_dir():
-        make_synthetic_dataset(source)
+        make_synthetic_dataset(source, seed=DATA_SEED)
     print(f"{source}")
 
     _step(2, "convert to an nnU-Net raw dataset with region labels and class labels")
@@ -78,7 +121,8 @@ def run_demo(workdir: str, device: str = None, fresh: bool = False) -> dict:
               "--verify_dataset_integrity"], env)
         write_tiny_plans(str(preprocessed), target_plans=PLANS)
 
-    _step(4, f"stock nnUNetv2_train with -tr {TRAINER} (fold 0 = the original train/validation split)")
+    _step(4, f"stock nnUNetv2_train with -tr {TRAINER} (fold 0 = the original train/validation split; seeded, "
+             f"nnUNet_n_proc_DA={DA_WORKERS} augmentation worker)")
     if not (model / "fold_0" / "checkpoint_final.pth").is_file():
         _run(["nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-tr", TRAINER, "-p", PLANS,
               "-device", device], env)
@@ -90,6 +134,7 @@ def run_demo(workdir: str, device: str = None, fresh: bool = False) -> dict:
     results = evaluate(str(predictions), str(source / "test_labels"), dataset_json=str(raw / "dataset.json"),
                        json_file=str(work / "evaluation.json"))
     print(format_table(results))
+    print("\n" + "\n".join(health_report(results)))
     print(f"\nDone in {time.time() - started:.0f} s. Outputs:\n"
           f"  model        {model}\n"
           f"  predictions  {predictions} (masks, subtype_results.csv, class_probabilities.csv)\n"

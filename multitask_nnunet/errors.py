@@ -1,9 +1,19 @@
-"""The one exception type for bad user input.
+"""Bad user input: the one exception type, and the one warning type.
 
-The CLI turns it into a single line on stderr and a non-zero exit, so every message must name the file or
-case and say what is wrong.
+The CLI turns an ``InputError`` into a single line on stderr and a non-zero exit, so every message must name
+the file or case and say what is wrong. ``warn`` is for input that works but is probably not what the user
+meant; the CLI shows it as one line (``multitask-nnunet CMD: warning: ...``) and goes on.
 """
+import warnings
 
 
 class InputError(Exception):
     """Bad input (file, case, dataset, option). The message is shown to the user as one line."""
+
+
+class InputWarning(UserWarning):
+    """Input that works but is probably not what was meant. The message names the thing, in one line."""
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, InputWarning, stacklevel=2)

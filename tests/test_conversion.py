@@ -380,3 +380,54 @@ def test_rerun_after_kill_between_the_renames_puts_the_old_dataset_back(tiny, tm
     assert "already exists" in result.stderr and result.returncode == 1
     assert sorted(p.name for p in raw.iterdir()) == [f"Dataset{DATASET_ID}_Test"]
     assert (raw_dataset(env) / "dataset.json").read_text() == old.name
+
+
+def test_missing_input_folder_is_named(tmp_path):
+    result = convert(tmp_path / "does_not_exist", nnunet_env(tmp_path), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"multitask-nnunet convert: error: {tmp_path / 'does_not_exist'}: " \
+                                    f"input folder does not exist"
+
+
+def _rename_class_folders(root: Path, names) -> None:
+    for split in ("train", "validation"):
+        for old, new in zip(("grade0", "grade1"), names):
+            (root / split / old).rename(root / split / new)
+
+
+@pytest.mark.parametrize("names, accepted", [(("0", "1"), True), (("subtype0", "class_1"), False)])
+def test_convert_and_evaluate_share_the_class_folder_rule(names, accepted, tiny, tmp_path):
+    """The same class folders are accepted, or refused with the same message, by both commands."""
+    _rename_class_folders(tiny, names)
+    env = nnunet_env(tmp_path)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for _, folder, case in TINY_CASES[2:]:  # validation cases, predicted perfectly
+        shutil.copy(tiny / "validation" / names[int(folder[-1])] / f"{case}.nii.gz", pred)
+    (pred / "subtype_results.csv").write_text("Names,Subtype\na_02.nii.gz,0\nb_02.nii.gz,1\n")
+    converted = convert(tiny, env, check=False)
+    evaluated = run(ours("evaluate", "--pred", pred, "--gt", tiny / "validation", "--bootstrap", 0,
+                         "--json", tmp_path / "r.json"), env, check=False)
+    if accepted:
+        assert converted.returncode == 0 and evaluated.returncode == 0, converted.stderr + evaluated.stderr
+        dataset = json.loads((raw_dataset(env) / "dataset.json").read_text())
+        assert dataset["classification"]["class_names"] == list(names)
+        results = json.loads((tmp_path / "r.json").read_text())
+        assert results["class_names"] == list(names) and results["macro_f1"] == 1.0
+    else:
+        expected = "class folders use different name prefixes ['class_', 'subtype']; expected one"
+        for result, command in ((converted, "convert"), (evaluated, "evaluate")):
+            assert result.returncode == 1
+            assert result.stderr.startswith(f"multitask-nnunet {command}: error: ")
+            assert expected in result.stderr.strip().splitlines()[-1]
+
+
+def test_empty_validation_class_folder_warns(tiny, tmp_path):
+    for path in (tiny / "validation" / "grade1").iterdir():
+        path.unlink()
+    result = convert(tiny, nnunet_env(tmp_path))
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == [f"multitask-nnunet convert: warning: {tiny / 'validation' / 'grade1'} holds no cases: the "
+                        f"original train/validation split (fold 0 unless --folds) has no validation case of class "
+                        f"'grade1'"]
+    assert preprocessed_splits(nnunet_env(tmp_path)) == [{"train": ["a_01", "b_01"], "val": ["a_02"]}]

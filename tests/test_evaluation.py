@@ -273,3 +273,19 @@ def test_unrecognised_ground_truth_folder(tmp_path):
     os.makedirs(tmp_path / "empty")
     proc = run_cli("--pred", pred, "--gt", tmp_path / "empty")
     assert proc.returncode == 1 and "not a ground-truth folder" in proc.stderr
+
+
+def test_csv_row_without_ground_truth_warns_and_plot_location_is_said(tmp_path):
+    gt = write_quiz_truth(str(tmp_path / "data"))
+    pred = write_predictions(str(tmp_path / "pred"))
+    with open(os.path.join(pred, "subtype_results.csv"), "a", newline="") as f:
+        csv.writer(f).writerow(["quiz_9_999.nii.gz", 1])
+    proc = run_cli("--pred", pred, "--gt", gt, "--bootstrap", 0)
+    assert proc.returncode == 0, proc.stderr
+    csv_path = os.path.join(pred, "subtype_results.csv")
+    assert proc.stderr.splitlines() == [f"multitask-nnunet evaluate: warning: {csv_path}: 1 row(s) for cases not in "
+                                        f"the ground truth {gt} are ignored: 'quiz_9_999'"]
+    png = os.path.join(pred, "confusion_matrix.png")
+    assert f"confusion matrix plot written into the prediction folder (--json FILE puts it beside FILE): {png}" \
+        in proc.stdout
+    assert os.path.isfile(png)

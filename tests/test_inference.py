@@ -58,6 +58,7 @@ def assert_same_geometry(image: sitk.Image, mask: sitk.Image):
 class Run:
     out: Path
     stdout: str
+    stderr: str
     seconds: float     # the command's wall time, measured outside it
     profile: Path
 
@@ -68,7 +69,7 @@ def test_run(trained, tmp_path_factory) -> Run:
     root = tmp_path_factory.mktemp("predict")
     start = time.perf_counter()
     result = predict(trained, trained.source / "test", root / "test", "--profile", root / "profile.json")
-    return Run(root / "test", result.stdout, time.perf_counter() - start, root / "profile.json")
+    return Run(root / "test", result.stdout, result.stderr, time.perf_counter() - start, root / "profile.json")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,17 @@ def test_outputs_geometry_and_csvs(trained, test_prediction):
     assert sorted(probs) == names
     for row in results[1:]:
         assert abs(probs[row[0]].sum() - 1) < 1e-4 and int(row[1]) == int(np.argmax(probs[row[0]]))
+
+
+def test_framework_chatter_stays_off_the_terminal(test_run):
+    """nnU-Net's trainer lookup ("Trainer '...' not found in nnunetv2.training.nnUNetTrainer", ...), its CPU
+    notice about perform_everything_on_device and torch's torch.jit FutureWarning are not shown; our own lines
+    are."""
+    shown = test_run.stdout + test_run.stderr
+    for chatter in ("not found in nnunetv2.training.nnUNetTrainer", "Searching in", "Inspecting module",
+                    "perform_everything_on_device", "torch.jit", "FutureWarning"):
+        assert chatter not in shown
+    assert re.search(r"^6 case\(s\): 6 to predict", test_run.stdout, re.M) and "predicted 6 case(s)" in test_run.stdout
 
 
 def test_classification_above_chance(trained, test_prediction):

@@ -7,20 +7,22 @@ Layout (the pancreas quiz's; any folder prefix works)::
     INPUT/validation/<prefix><K>/...               same naming; optional
     INPUT/test/<case>_0000.nii.gz                  images only; optional
 
-Class K's name is its folder's name; the indices must run 0, 1, ..., K-1 and a name must mean the same index
-in train/ and validation/. A case without a mask is reported with ``mask=None``; the caller decides.
+Class K's name is its folder's name (the rule, shared with ``evaluate``: ``multitask_nnunet.class_folders``);
+the indices must run 0, 1, ..., K-1, all class folders share one prefix, and a name must mean the same index in
+train/ and validation/. A class without a validation case is a warning (the original split cannot score it).
+A case without a mask is reported with ``mask=None``; the caller decides.
 """
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from multitask_nnunet.errors import InputError
+from multitask_nnunet.class_folders import EXAMPLE, check_one_prefix, parse_class_folder
+from multitask_nnunet.errors import InputError, warn
 
 ENDING = ".nii.gz"
 SPLIT_FOLDERS = ("train", "validation")
 TEST_FOLDER = "test"
-_CLASS_FOLDER = re.compile(r"^(.*?)(\d+)$")
 _CHANNEL = re.compile(r"^(.+)_(\d{4})$")
 
 
@@ -45,6 +47,9 @@ class SourceDataset:
 
 def scan_dataset(input_dir: Path, num_channels: int) -> SourceDataset:
     input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise InputError(f"{input_dir}: input folder does not exist" if not input_dir.exists() else
+                         f"{input_dir}: not a folder; expected the dataset folder holding {SPLIT_FOLDERS[0]}/")
     if not (input_dir / SPLIT_FOLDERS[0]).is_dir():
         raise InputError(f"{input_dir}: no '{SPLIT_FOLDERS[0]}' folder (expected "
                          f"{SPLIT_FOLDERS[0]}/<class folder>/<case>.nii.gz and <case>_0000.nii.gz)")
@@ -63,6 +68,7 @@ def scan_dataset(input_dir: Path, num_channels: int) -> SourceDataset:
     for name, index in index_of.items():
         if not any(c.class_index == index for c in cases.values()):
             raise InputError(f"{input_dir}: class folder '{name}' holds no cases")
+    _warn_about_validation(input_dir, class_names, cases.values())
     return SourceDataset(class_names, [cases[n] for n in sorted(cases)], _test_images(input_dir, num_channels))
 
 
@@ -73,25 +79,44 @@ def _class_folders(split_dir: Path) -> List[Path]:
     for entry in sorted(split_dir.iterdir()):
         if entry.name.startswith("."):
             continue
-        if not entry.is_dir() or not _CLASS_FOLDER.match(entry.name):
-            raise InputError(f"{entry}: expected only class folders named <prefix><class index> (e.g. subtype0) "
-                             f"in {split_dir}")
+        if not entry.is_dir() or parse_class_folder(entry.name) is None:
+            raise InputError(f"{entry}: expected only class folders named <prefix><class index> (e.g. "
+                             f"{EXAMPLE}) in {split_dir}")
         folders.append(entry)
     return folders
 
 
 def _class_names(input_dir: Path, class_folders: Dict[str, List[Path]]) -> List[str]:
     by_index: Dict[int, str] = {}
-    for folder in (f for folders in class_folders.values() for f in folders):
-        index = int(_CLASS_FOLDER.match(folder.name).group(2))
+    folders = [f for split_folders in class_folders.values() for f in split_folders]
+    check_one_prefix([f.name for f in folders], str(input_dir))
+    for folder in folders:
+        index = parse_class_folder(folder.name)[1]
         if by_index.setdefault(index, folder.name) != folder.name:
             raise InputError(f"{input_dir}: class folders '{by_index[index]}' and '{folder.name}' both have "
                              f"class index {index}")
     missing = [i for i in range(max(by_index, default=-1) + 1) if i not in by_index]
     if missing or len(by_index) < 2:
         raise InputError(f"{input_dir}: class folder indices must run 0, 1, ..., K-1 with K >= 2; found "
-                         f"{sorted(by_index.values(), key=lambda n: int(_CLASS_FOLDER.match(n).group(2)))}")
+                         f"{sorted(by_index.values(), key=lambda n: parse_class_folder(n)[1])}")
     return [by_index[i] for i in range(len(by_index))]
+
+
+def _warn_about_validation(input_dir: Path, class_names: List[str], cases) -> None:
+    """A validation split that lacks a class leaves fold 0 (the original split) unable to score that class."""
+    validation = input_dir / SPLIT_FOLDERS[1]
+    counts = [0] * len(class_names)
+    for case in cases:
+        if case.split == SPLIT_FOLDERS[1]:
+            counts[case.class_index] += 1
+    if not any(counts):
+        return
+    for name, count in zip(class_names, counts):
+        if count == 0:
+            where = (f"{validation / name} holds no cases" if (validation / name).is_dir()
+                     else f"{validation} has no class folder '{name}'")
+            warn(f"{where}: the original train/validation split (fold 0 unless --folds) has no validation case "
+                 f"of class '{name}'")
 
 
 def _nifti_stems(folder: Path) -> List[str]:

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from multitask_nnunet.class_csv import RESULTS_CSV
-from multitask_nnunet.errors import InputError
+from multitask_nnunet.errors import InputError, warn
 from multitask_nnunet.evaluation.case_classes import check_class_range
 from multitask_nnunet.evaluation.ground_truth import GroundTruth, read_ground_truth
 from multitask_nnunet.evaluation.label_maps import check_same_geometry, read_label_map
@@ -102,6 +102,10 @@ def _checked_inputs(pred_dir: str, truth: GroundTruth, gt: str, only_predicted: 
     for case in cases:
         if case not in predicted:
             raise InputError(f"{results_csv}: case '{case}' is missing")
+    unknown = sorted(set(predicted) - set(truth.masks))
+    if unknown:
+        shown = ", ".join(f"'{c}'" for c in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        warn(f"{results_csv}: {len(unknown)} row(s) for cases not in the ground truth {gt} are ignored: {shown}")
     class_names = truth.class_names or class_names_from_probabilities(pred_dir) or truth.default_class_names
     check_class_range(truth.classes, cases, len(class_names), f"ground truth {gt}")
     check_class_range(predicted, cases, len(class_names), results_csv)
@@ -136,7 +140,8 @@ def _run(args) -> int:
     results = evaluate(args.pred, args.gt, dataset_json=args.dataset_json, json_file=args.json,
                        n_bootstrap=args.bootstrap, seed=args.seed, only_predicted=args.only_predicted)
     print(format_table(results))
-    print(f"\nconfusion matrix plot: {results['confusion_matrix_png']}")
+    where = "beside the --json file" if args.json else "into the prediction folder (--json FILE puts it beside FILE)"
+    print(f"\nconfusion matrix plot written {where}: {results['confusion_matrix_png']}")
     if args.json:
         print(f"results: {args.json}")
     return 0

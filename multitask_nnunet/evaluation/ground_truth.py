@@ -5,8 +5,9 @@
 2. Flat: ``GT/<case>.nii.gz`` masks plus ``GT/classes.csv`` (``Names,Subtype``), as the synthetic generator
    writes its test labels.
 3. Quiz: masks in class folders ``GT/.../<prefix><k>/<case>.nii.gz`` (e.g. ``validation/subtype0``), beside
-   the ``<case>_0000.nii.gz`` images; the class is the folder's number ``k``. Every class folder under GT
-   counts, so point GT at the split that was predicted (``data/validation``, not ``data``).
+   the ``<case>_0000.nii.gz`` images; the class is the folder's number ``k`` (the rule ``convert`` uses too:
+   ``multitask_nnunet.class_folders``). Every class folder under GT counts, so point GT at the split that was
+   predicted (``data/validation``, not ``data``).
 
 The layouts are tried in this order. ``dataset_json`` (a file) supplies region definitions and class names
 for layouts 2 and 3 and replaces the folder's own dataset.json in layout 1.
@@ -17,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from multitask_nnunet.class_folders import EXAMPLE, check_one_prefix, parse_class_folder
 from multitask_nnunet.class_labels import CLASSIFICATION_KEY, class_labels_for_cases, read_class_labels
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.evaluation.case_classes import read_case_classes, strip_ending
@@ -24,7 +26,6 @@ from multitask_nnunet.evaluation.regions import RegionSpec, regions_from_labels
 
 MASK_ENDING = ".nii.gz"
 CLASSES_CSV = "classes.csv"
-CLASS_FOLDER = re.compile(r"^([A-Za-z][A-Za-z_-]*?)(\d+)$")
 IMAGE_CHANNEL = re.compile(r"_\d{4}" + re.escape(MASK_ENDING) + "$")
 
 
@@ -105,23 +106,21 @@ def _flat(gt: str, dataset: Optional[dict], source: Optional[str]) -> GroundTrut
 
 
 def _quiz(gt: str, dataset: Optional[dict], source: Optional[str]) -> GroundTruth:
-    masks, classes, prefixes = {}, {}, set()
+    masks, classes, class_folders = {}, {}, set()
     for folder, _, _ in sorted(os.walk(gt)):
-        match = CLASS_FOLDER.match(os.path.basename(folder))
-        found = _masks_in(folder, MASK_ENDING, skip_images=True) if match else {}
+        parsed = parse_class_folder(os.path.basename(folder))
+        found = _masks_in(folder, MASK_ENDING, skip_images=True) if parsed else {}
         for case, path in found.items():
             if case in masks:
                 raise InputError(f"{gt}: case '{case}' has two masks: {masks[case]} and {path}")
-            masks[case], classes[case] = path, int(match.group(2))
+            masks[case], classes[case] = path, parsed[1]
         if found:
-            prefixes.add(match.group(1))
+            class_folders.add(os.path.basename(folder))
     if not masks:
         raise InputError(f"{gt}: not a ground-truth folder: expected an nnU-Net raw dataset (dataset.json + "
-                         f"labelsTr/), masks + {CLASSES_CSV}, or class folders like subtype0/<case>{MASK_ENDING}")
-    if len(prefixes) > 1:
-        raise InputError(f"{gt}: class folders use different name prefixes {sorted(prefixes)}; "
-                         f"expected one, e.g. subtype0, subtype1, ...")
+                         f"labelsTr/), masks + {CLASSES_CSV}, or class folders like {EXAMPLE} holding "
+                         f"<case>{MASK_ENDING}")
+    prefix = check_one_prefix(class_folders, gt)
     spec, names = _regions_and_names(dataset, source)
-    prefix = prefixes.pop()
     default_names = [f"{prefix}{k}" for k in range(max(classes.values()) + 1)]
     return GroundTruth("quiz", dict(sorted(masks.items())), classes, names, default_names, spec, MASK_ENDING)

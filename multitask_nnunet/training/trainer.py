@@ -25,6 +25,7 @@ loss, DDP) stays nnU-Net's. This subclass adds:
   optimizer's state under ``head_optimizer_state``.
 """
 import multiprocessing
+import random
 import warnings
 from time import sleep, time
 from typing import List, Union
@@ -113,6 +114,13 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
     best_seg_weight_final = 0.5
     best_weight_ramp_epochs = 50
 
+    # ---- reproducibility -------------------------------------------------------------------------------
+    #: None (nnU-Net's behaviour): unseeded. An int seeds random, numpy and torch in the training process and
+    #: each data-augmentation worker. nnU-Net's augmenter takes batches from its workers in the order they
+    #: finish, so a seeded run repeats only with one worker (``nnUNet_n_proc_DA=1``), on the same device and
+    #: thread count (on CUDA, nnU-Net's ``cudnn.benchmark`` may pick other kernels each run)
+    seed = None
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -122,6 +130,10 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         self.head_spec = None  # -> initialize (the network builder plans it)
         self.head_optimizer = None  # -> configure_optimizers
         self._val_cases_seen = 0
+        if self.seed is not None:  # before initialize() draws the network's initial weights
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+            torch.manual_seed(self.seed)
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -176,6 +188,19 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
                                f"{self.phase1_epochs}, then joint")
         self.classification_loss = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32,
                                                                            device=self.device))
+
+    def get_dataloaders(self):
+        """nnU-Net's data loaders; with ``seed``, their workers are restarted with seeds of their own (nnU-Net
+        starts them unseeded: batchgenerators' NonDetMultiThreadedAugmenter with ``seeds=None``). The seeds
+        include the epoch training starts at, so that a resumed run (``--c``) does not replay the first batches."""
+        train, val = super().get_dataloaders()
+        if self.seed is not None:
+            for offset, augmenter in ((1000, train), (2000, val)):
+                if hasattr(augmenter, "seeds"):  # one worker process or more; else single-threaded, seeded above
+                    start = self.seed + offset + 10000 * self.current_epoch
+                    augmenter.seeds = [start + w for w in range(augmenter.num_processes)]
+                    augmenter.restart()
+        return train, val
 
     def _build_multitask_network(self, plans_manager, configuration_manager, num_input_channels: int,
                                  num_output_channels: int, enable_deep_supervision: bool = True) -> MultitaskUNet:

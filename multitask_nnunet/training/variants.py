@@ -44,7 +44,8 @@ class MultitasknnUNetTrainer_250epochs(MultitasknnUNetTrainer):
 
 
 class MultitasknnUNetTrainer_Demo(MultitasknnUNetTrainer):
-    """Minutes on a CPU with tiny plans: the demo and the tests use it."""
+    """Minutes on a CPU with tiny plans: the demo and the tests use it. Seeded (see ``seed``)."""
+    seed = 0
     seg_warmup_epochs = 1
     phase1_epochs = 10
     head_warmup_epochs = 1
