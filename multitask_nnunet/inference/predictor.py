@@ -294,11 +294,6 @@ class MultitaskPredictor(nnUNetPredictor):
                                        "stops on this too)")
         return PreprocessedPrediction(logits_sum, probabilities, path, fallback)
 
-    def predict_preprocessed(self, data: torch.Tensor) -> Tuple[torch.Tensor, np.ndarray]:
-        """(logits, class probabilities) of ``predict_preprocessed_case``, for the trainer's final validation."""
-        prediction = self.predict_preprocessed_case(data)
-        return prediction.logits, prediction.probabilities
-
     def _predict_one_fold(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, str, Optional[str]]:
         """(logits, class probabilities, path, fallback) with the current weights. Out-of-memory fallbacks are
         tried outside the except blocks, so that the traceback no longer holds the failed pass's tensors."""
