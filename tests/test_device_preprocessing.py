@@ -68,8 +68,9 @@ def test_matches_nnunet_preprocessing_on_synthetic_images(preprocessed):
             _check(*_nnunet_and_ours(plans, dataset_json, [image], "ZScoreNormalization"),
                    f"{image.name} ZScoreNormalization, mask {use_mask}")
         plans["configurations"]["3d_fullres"]["use_mask_for_norm"] = [False]
-    # resampled: finer and coarser in-plane, and 3.5 mm slices (anisotropic: nnU-Net resamples per slice, then z)
-    for spacing in ((2.5, 0.6, 0.9), (3.5, 0.75, 0.75)):
+    # the last image resampled: finer and coarser in-plane, and 3.5 mm slices (anisotropic: nnU-Net resamples
+    # each slice in-plane, clipped to the slice's range, then along z by nearest neighbour)
+    for spacing in ((2.5, 0.6, 0.9), (3.5, 0.7, 0.8)):
         reference, reference_properties, data, data_properties = _nnunet_and_ours(plans, dataset_json, [image],
                                                                                   spacing=spacing)
         assert reference.shape[1:] != tuple(data_properties["shape_after_cropping_and_before_resampling"])
