@@ -6,6 +6,15 @@ trainers, so nothing is copied into nnU-Net's own folder.
 """
 import os
 
+# Our trainers (training/trainer.py, training/variants.py) whose segmentation architecture is nnU-Net's default
+# builder, ``nnUNetTrainer.build_network_architecture`` (get_network_from_plans with the plans' architecture
+# class and kwargs): prediction builds their network from the plans directly instead of through nnU-Net's trainer
+# lookup, which imports every trainer module (seaborn, timm: about 1.2 s per run). A test checks this list
+# against the classes; a trainer that overrides the builder must not be in it (it takes the lookup).
+DEFAULT_ARCHITECTURE_TRAINERS = frozenset({
+    "MultitasknnUNetTrainer", "MultitasknnUNetTrainer_5epochs", "MultitasknnUNetTrainer_100epochs",
+    "MultitasknnUNetTrainer_250epochs", "MultitasknnUNetTrainer_Demo"})
+
 EXT_TRAINER_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ext_trainers")
 
 

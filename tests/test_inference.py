@@ -432,3 +432,51 @@ def test_safety_nets_out_of_memory_fallback_and_non_finite_output(trained, case_
         with pytest.raises(InputError, match=re.escape(f"case '{image_path.name[:-12]}' ({image_path}): the "
                                                        f"network's output holds NaN or infinite values")):
             case_predictor.predict_case([image_path])
+
+
+# ---------------------------------------------------------------- lean start-up: the network from the plans
+def test_our_trainers_build_the_network_from_the_plans_without_the_trainer_lookup(trained, case_predictor, tmp_path):
+    """``predict`` builds the network of our trainers with nnU-Net's default architecture builder directly from
+    the plans (no import of every nnU-Net trainer module); the list of those trainers is checked against the
+    classes, and the network equals the one nnU-Net's trainer lookup builds."""
+    import sys
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from multitask_nnunet.inference import predictor as predictor_module
+    from multitask_nnunet.registration import DEFAULT_ARCHITECTURE_TRAINERS
+    from multitask_nnunet.training import trainer, variants
+    ours = {c.__name__ for m in (trainer, variants) for c in vars(m).values()
+            if isinstance(c, type) and issubclass(c, trainer.MultitasknnUNetTrainer) and c.__module__ == m.__name__
+            and c.build_network_architecture is nnUNetTrainer.build_network_architecture}
+    assert ours == DEFAULT_ARCHITECTURE_TRAINERS
+
+    p = case_predictor.predictor
+    checkpoint = torch.load(trained.fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    build = lambda: p.build_network(checkpoint["trainer_name"], p.plans_manager, p.configuration_manager,  # noqa
+                                    p.dataset_json, checkpoint["classification_head"])
+    direct = build()
+    original = predictor_module.DEFAULT_ARCHITECTURE_TRAINERS
+    predictor_module.DEFAULT_ARCHITECTURE_TRAINERS = frozenset()  # the fallback: nnU-Net's trainer lookup
+    try:
+        looked_up = build()
+    finally:
+        predictor_module.DEFAULT_ARCHITECTURE_TRAINERS = original
+    assert repr(direct) == repr(looked_up)
+    state = case_predictor.predictor.network.state_dict()
+    x = torch.randn(1, 1, *p.configuration_manager.patch_size)
+    outputs = []
+    for network in (direct, looked_up):
+        network.load_state_dict(state)
+        with torch.no_grad():
+            outputs.append(network.eval()(x, return_classification=True))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+    # the command itself: no trainer module of nnU-Net is imported (python -X importtime lists every import)
+    image = sorted((trained.source / "test").glob("*_0000.nii.gz"))[0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / image.name).symlink_to(image)
+    result = run([sys.executable, "-X", "importtime", *predict_cmd(trained, tmp_path / "in", tmp_path / "out")[1:]],
+                 trained.env)
+    assert "multitask_nnunet.inference.predictor" in result.stderr  # the listing works
+    assert "nnunetv2.training.nnUNetTrainer" not in result.stderr
+    assert (tmp_path / "out" / image.name.replace("_0000", "")).is_file()

@@ -24,6 +24,7 @@ folder needs:
 Python API: ``predict_folder(input_dir, output_dir, model_dir, BatchOptions(...)) -> PredictionReport``; for one
 case at a time, ``CasePredictor`` (case_predictor.py).
 """
+import argparse
 import gc
 import glob
 import os
@@ -269,6 +270,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-whole-voxels", type=int, metavar="N",
                    help="largest preprocessed volume (voxels) for a whole-volume pass in auto mode (default: twice "
                         "the patch's voxels)")
+    p.add_argument("--device-preprocessing", action=argparse.BooleanOptionalAction, default=None,
+                   help="normalise and resample each case on the prediction device with torch, matching nnU-Net's "
+                        "CPU preprocessing to float32 rounding (default: on with CUDA, off on CPU)")
     p.add_argument("--overwrite", action="store_true", help="predict cases that are already done again")
     p.add_argument("--num-parts", type=int, default=1, metavar="N", help="split the cases into N parts ...")
     p.add_argument("--part-id", type=int, default=0, metavar="I", help="... and predict part I (0 <= I < N)")
@@ -284,7 +288,8 @@ def add_parser(subparsers) -> None:
 def _run(args) -> int:
     breakdown = Breakdown(process_start())  # start-up counts from the process start: interpreter and imports
     model_dir = resolve_model_folder(args.m, args.d, args.c, args.tr, args.p)
-    options = BatchOptions(PredictorOptions(args.f, args.chk, args.device, args.tta, args.mode, args.max_whole_voxels),
+    options = BatchOptions(PredictorOptions(args.f, args.chk, args.device, args.tta, args.mode, args.max_whole_voxels,
+                                            args.device_preprocessing),
                            args.overwrite, args.num_parts, args.part_id, args.continue_on_error, args.workers,
                            profile=args.profile)
     report = predict_folder(args.i, args.o, model_dir, options, breakdown)

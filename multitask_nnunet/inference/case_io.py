@@ -9,7 +9,8 @@ Reading is the plans' image reader and preprocessing nnU-Net's own (``preprocess
 which is what ``run_case`` runs after reading), with one thing left out: at inference nnU-Net's preprocessor
 still resamples the segmentation it is given, and without one, the nonzero mask of its cropping, only for
 the result to be thrown away; ``InferenceConfiguration`` hands it a resampling that returns that mask as it
-is. The preprocessed image is the same.
+is. The preprocessed image is the same. With a ``device``, normalisation and resampling run there instead
+(device_preprocessing.py).
 
 Anything that goes wrong reading a case is an ``InputError`` naming the file: the reader's errors are traced
 to the file by reading each channel alone, and non-finite values (NaN, inf) to the channel's file. NIfTI
@@ -18,7 +19,7 @@ float NIfTI files are checked with nibabel before reading (integer images cannot
 twice), and it fills the missing voxels of a truncated file with 0, so every NIfTI file is first checked to be
 complete (``multitask_nnunet.nifti``).
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import nibabel
 import numpy as np
@@ -45,11 +46,27 @@ def _keep_segmentation(segmentation, new_shape, current_spacing, new_spacing):
 
 
 class CaseIO:
-    def __init__(self, plans_manager: PlansManager, configuration_manager: ConfigurationManager, dataset_json: dict):
+    """``device``: where a case is normalised and resampled (device_preprocessing.py); None, or a configuration
+    that it does not support: nnU-Net's CPU preprocessing. ``on_device`` says which runs."""
+
+    def __init__(self, plans_manager: PlansManager, configuration_manager: ConfigurationManager, dataset_json: dict,
+                 device=None):
         self.plans_manager = plans_manager
         self.configuration_manager = InferenceConfiguration(configuration_manager.configuration)
         self.dataset_json = dataset_json
         self.num_channels = len(dataset_json["channel_names"])
+        self.device = None
+        if device is not None:
+            from multitask_nnunet.inference import device_preprocessing
+            if device_preprocessing.supported(self.configuration_manager):
+                self.device = device
+                self.configuration_manager = device_preprocessing.DeviceConfiguration(
+                    configuration_manager.configuration, device)
+                self._device_preprocessor = device_preprocessing.DevicePreprocessor(device)
+
+    @property
+    def on_device(self) -> bool:
+        return self.device is not None
 
     def read(self, name: str, files: Sequence[str]) -> Tuple[np.ndarray, dict]:
         """The image (c, *spatial) as the plans' reader returns it, and its properties."""
@@ -66,25 +83,29 @@ class CaseIO:
         return image, properties
 
     def preprocess(self, image: np.ndarray, properties: dict, name: str,
-                   files: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, dict]:
-        """nnU-Net-preprocessed data (c, x, y, z) float32 and the properties its export needs. ``properties`` is
-        not changed (nnU-Net adds its cropping and shapes to a copy). ``files``: to name in errors."""
+                   files: Optional[Sequence[str]] = None) -> Tuple[Union[np.ndarray, "torch.Tensor"], dict]:
+        """nnU-Net-preprocessed data (c, x, y, z) float32 and the properties its export needs: a numpy array, or
+        with ``on_device`` a tensor on the device. ``properties`` is not changed (nnU-Net adds its cropping and
+        shapes to a copy). ``files``: to name in errors."""
         source = f"case '{name}' ({', '.join(files)})" if files else f"case '{name}' (image array)"
         if image.shape[0] != self.num_channels:
             raise InputError(f"{source}: {image.shape[0]} channel(s); the model expects {self.num_channels}")
         if "spacing" not in properties or len(properties["spacing"]) != image.ndim - 1:
             raise InputError(f"{source}: properties need 'spacing' with one entry per spatial axis of the image "
                              f"{tuple(image.shape[1:])}")
-        preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        preprocessor = self._device_preprocessor if self.on_device else \
+            self.configuration_manager.preprocessor_class(verbose=False)
         try:
             data, _, properties = preprocessor.run_case_npy(image, None, dict(properties), self.plans_manager,
                                                             self.configuration_manager, self.dataset_json)
         except Exception as e:
             raise InputError(f"{source}: preprocessing failed ({_one_line(e)})") from None
-        for channel in range(data.shape[0]):
-            if not np.isfinite(data[channel]).all():
+        finite = data.flatten(1).isfinite().all(1).tolist() if self.on_device else \
+            [np.isfinite(data[channel]).all() for channel in range(data.shape[0])]
+        for channel, ok in enumerate(finite):
+            if not ok:
                 raise InputError(_NOT_FINITE.format(files[channel] if files else f"{source}, channel {channel}"))
-        return data.astype(np.float32, copy=False), properties
+        return (data if self.on_device else data.astype(np.float32, copy=False)), properties
 
     def _reading_error(self, name: str, files: Sequence[str], error: Exception) -> InputError:
         reader = self.plans_manager.image_reader_writer_class()

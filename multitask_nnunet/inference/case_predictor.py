@@ -6,7 +6,8 @@
     predictor.write_mask(result, "case.nii.gz")
 
 A case goes through four stages, each timed: read (the plans' image reader), preprocess (nnU-Net's
-preprocessor from the plans), network (``MultitaskPredictor``: whole volume or sliding window, TTA, folds) and
+preprocessor from the plans; its normalisation and resampling on the device with ``device_preprocessing``, by
+default on CUDA: device_preprocessing.py), network (``MultitaskPredictor``: whole volume or sliding window, TTA, folds) and
 export (nnU-Net's export to the input's geometry, export.py). ``predict_case`` runs them in a row;
 ``multitask-nnunet predict`` (batch.py) runs the same two halves, ``prepare`` (read + preprocess) in
 background threads and ``finish`` (network + export) in the main thread, so both give the same masks and
@@ -27,6 +28,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.inference.case_io import CaseIO
+from multitask_nnunet.inference.device_preprocessing import to_device
 from multitask_nnunet.inference.export import export_configuration, segmentation_in_input_geometry
 from multitask_nnunet.inference.model_folder import resolve_folds, resolve_model_folder
 from multitask_nnunet.inference.options import PredictorOptions
@@ -41,7 +43,8 @@ class PreparedCase:
     """A case read and preprocessed, ready for the network (what ``prepare`` returns)."""
     name: str
     files: Tuple[str, ...]               # the channel files; () for an array
-    data: np.ndarray                     # preprocessed (c, x, y, z), float32
+    data: Union[np.ndarray, torch.Tensor]  # preprocessed (c, x, y, z), float32; a tensor on the device when
+                                           # it was preprocessed there (device_preprocessing.py)
     properties: dict                     # the reader's properties plus nnU-Net's cropping and shapes
     shape: Tuple[int, ...]               # the input image's spatial shape (the reader's axis order)
     timings: Dict[str, float]            # read, preprocess (s)
@@ -105,7 +108,9 @@ class CasePredictor:
             "configuration"]
         dataset_json = load_json(os.path.join(self.model_dir, "dataset.json"))
         plans_manager = PlansManager(os.path.join(self.model_dir, "plans.json"))
-        self.io = CaseIO(plans_manager, plans_manager.get_configuration(configuration), dataset_json)
+        on_device = self.device.type == "cuda" if options.device_preprocessing is None else options.device_preprocessing
+        self.io = CaseIO(plans_manager, plans_manager.get_configuration(configuration), dataset_json,
+                         self.device if on_device else None)
         self.file_ending: str = dataset_json["file_ending"]
         self.class_names: Optional[List[str]] = None  # from the checkpoint's head, once the network is loaded
         if load_network:
@@ -156,7 +161,9 @@ class CasePredictor:
             raise RuntimeError("CasePredictor.finish: call load_network() first (load_network=False)")
         t0 = time.perf_counter()
         try:
-            prediction = self.predictor.predict_preprocessed_case(torch.from_numpy(case.data))
+            # on CUDA, a case preprocessed on the CPU goes over from pinned memory, without blocking
+            data = case.data if isinstance(case.data, torch.Tensor) else to_device(case.data, self.device)
+            prediction = self.predictor.predict_preprocessed_case(data)
         except NonFiniteOutputError as e:
             source = f" ({', '.join(case.files)})" if case.files else ""
             raise InputError(f"case '{case.name}'{source}: {e}") from None

@@ -20,6 +20,7 @@ class PredictorOptions:
     tta: bool = False                                    # mirroring test-time augmentation
     mode: str = "auto"                                   # auto | whole | sliding
     max_whole_voxels: Optional[int] = None               # auto mode's whole-volume limit (None: the predictor's)
+    device_preprocessing: Optional[bool] = None          # normalise and resample on the device (None: on CUDA)
 
     def __post_init__(self):
         if self.folds is not None:  # lists (argparse, callers) become tuples: the options stay hashable

@@ -29,7 +29,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context, empty_cache
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -37,7 +37,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.heads import build_head, head_spec_from_checkpoint
 from multitask_nnunet.network import MultitaskUNet, merge_state_dict
-from multitask_nnunet.registration import ext_trainer_path
+from multitask_nnunet.registration import DEFAULT_ARCHITECTURE_TRAINERS, ext_trainer_path
 
 # floor added to each tile's foreground mass, relative to the tile's Gaussian mass
 TILE_WEIGHT_FLOOR = 1e-3
@@ -133,15 +133,29 @@ class MultitaskPredictor(nnUNetPredictor):
     @staticmethod
     def build_network(trainer_name: str, plans_manager, configuration_manager, dataset_json: dict,
                       head: dict) -> MultitaskUNet:
-        """The trainer's own (static) architecture builder, as nnU-Net's predictor uses it, plus the head rebuilt
-        from the checkpoint's ``classification_head`` entry (its class name and kwargs) by the one head builder.
-        nnU-Net looks for trainers outside its own folder only in ``nnUNet_extTrainer``, so ours go there."""
-        os.environ["nnUNet_extTrainer"] = ext_trainer_path()
-        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
-        segmentation_network = trainer_class.build_network_architecture(
-            plans_manager, configuration_manager,
-            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-            plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+        """The trainer's segmentation architecture, plus the head rebuilt from the checkpoint's
+        ``classification_head`` entry (its class name and kwargs) by the one head builder.
+
+        For our trainers with nnU-Net's default architecture builder (``DEFAULT_ARCHITECTURE_TRAINERS``), that
+        builder's one call, ``get_network_from_plans`` with the plans' architecture (nnunetv2 2.8.1,
+        ``nnUNetTrainer.build_network_architecture``), without the trainer class. Any other trainer (a user's
+        subclass, one that overrides the builder) is found as nnU-Net's predictor finds it, by
+        ``recursive_find_trainer_class_by_name``, whose static builder is used; nnU-Net looks for trainers
+        outside its own folder only in ``nnUNet_extTrainer``, so ours go there."""
+        num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+        num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        if trainer_name in DEFAULT_ARCHITECTURE_TRAINERS:
+            # allow_init=False: the weights He-initialised by nnU-Net are replaced by the checkpoint's at once
+            segmentation_network = get_network_from_plans(
+                configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+                configuration_manager.network_arch_init_kwargs_req_import, num_inputs, num_outputs,
+                allow_init=False, deep_supervision=False)
+        else:
+            from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+            os.environ["nnUNet_extTrainer"] = ext_trainer_path()
+            trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+            segmentation_network = trainer_class.build_network_architecture(
+                plans_manager, configuration_manager, num_inputs, num_outputs, enable_deep_supervision=False)
         return MultitaskUNet(segmentation_network, build_head(head_spec_from_checkpoint(head)))
 
     def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
@@ -281,11 +295,6 @@ class MultitaskPredictor(nnUNetPredictor):
             raise NonFiniteOutputError("the network's output holds NaN or infinite values (nnU-Net's predictor "
                                        "stops on this too)")
         return PreprocessedPrediction(logits_sum, probabilities, path, fallback)
-
-    def predict_preprocessed(self, data: torch.Tensor) -> Tuple[torch.Tensor, np.ndarray]:
-        """(logits, class probabilities) of ``predict_preprocessed_case``, for the trainer's final validation."""
-        prediction = self.predict_preprocessed_case(data)
-        return prediction.logits, prediction.probabilities
 
     def _predict_one_fold(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, str, Optional[str]]:
         """(logits, class probabilities, path, fallback) with the current weights. Out-of-memory fallbacks are

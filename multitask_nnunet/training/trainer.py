@@ -475,8 +475,9 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
     # ------------------------------------------------------------------ final validation
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's final validation (sliding window, step 0.5, mirroring; nnU-Net's export and
-        summary.json), run through MultitaskPredictor so that each case's segmentation and class come from
-        the same passes. Adds ``class_probabilities.csv``, ``subtype_results.csv`` and
+        summary.json), run through MultitaskPredictor's one-case path (``predict_preprocessed_case``, which
+        ``multitask-nnunet predict`` runs too) so that each case's segmentation and class come from the same
+        passes. Adds ``class_probabilities.csv``, ``subtype_results.csv`` and
         ``classification_summary.json`` (macro-F1, accuracy, confusion matrix) to the validation folder."""
         from multitask_nnunet.inference.predictor import MultitaskPredictor
 
@@ -505,7 +506,8 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # non-writable numpy array
                     data = torch.from_numpy(data[:])
-                logits, probabilities[key] = predictor.predict_preprocessed(data)
+                prediction = predictor.predict_preprocessed_case(data)  # the one-case path of predict
+                logits, probabilities[key] = prediction.logits, prediction.probabilities
                 results.append(export_pool.starmap_async(export_prediction_from_logits, (
                     (logits, properties, self.configuration_manager, self.plans_manager, self.dataset_json,
                      join(validation_folder, key), save_probabilities),)))
