@@ -9,8 +9,9 @@ Steps (every nnU-Net step is the stock command line, run as a subprocess):
    features per stage (``--base-features``, ``--max-features``) and, if asked, a smaller patch
    (``--patch-size``); ``--plans default`` trains nnU-Net's ``nnUNetPlans`` unchanged (for CUDA).
 3. For each trainer (``--trainers``; default: stock ``nnUNetTrainer_ClsBench`` for segmentation only, then
-   ``MultitasknnUNetTrainer_ClsBenchGAP`` as the classification reference and ``MultitasknnUNetTrainer_ClsBench``
-   for the package's default; all in ``benchmarks/trainers/``, which this script puts first in
+   ``MultitasknnUNetTrainer_ClsBenchGAP`` as the classification reference, ``MultitasknnUNetTrainer_ClsBench``
+   for the package's default and ``MultitasknnUNetTrainer_ClsBenchNoTF``, the default without teacher forcing
+   of the guide; all in ``benchmarks/trainers/``, which this script puts first in
    ``nnUNet_extTrainer``): ``nnUNetv2_train DATASET 3d_fullres 0 -tr T -p PLANS -device DEV`` with the schedule
    of ``--epochs``, ``--iterations`` and ``--val-iterations`` (passed to the trainers through
    ``MULTITASK_BENCH_EPOCHS``, ``MULTITASK_BENCH_ITERATIONS`` and ``MULTITASK_BENCH_VAL_ITERATIONS``). Fold 0 is
@@ -43,9 +44,10 @@ Settings:
   at 48x112x128 with 4 -> 64 features; 0.55 s and 1.15 s with 8 -> 64. In that setting stock nnU-Net
   segments the lesion after ~400-450 iterations (lesion pseudo-Dice 0 until then), so 600 iterations leave
   a margin. Estimated total on an otherwise idle 2-core machine, from those step times (not yet timed end to
-  end on an idle machine): about 22-23 minutes for the three default trainers (about 1 min data +
-  preprocessing, ~5.5 min training + ~1 min final validation per trainer, ~1.5 min of test predictions for
-  stock, under 1 min for each multitask trainer). On a shared CPU it takes proportionally longer.
+  end on an idle machine): about 22-23 minutes for three trainers (about 1 min data + preprocessing,
+  ~5.5 min training + ~1 min final validation per trainer, ~1.5 min of test predictions for stock, under 1 min
+  for each multitask trainer), so about 30 minutes for the four default trainers. On a shared CPU it takes
+  proportionally longer.
 - CUDA: ``--device cuda`` defaults to ``--plans default`` (nnU-Net's plans unchanged), 40 epochs x 50 iterations
   (+10 validation iterations) and nnUNet_n_proc_DA 8; set ``--epochs`` etc. as needed.
 - ``nnUNet_def_n_proc`` (nnU-Net's export and metric pools) is set to the number of cores, at most 8, unless
