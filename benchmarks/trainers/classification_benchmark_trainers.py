@@ -12,8 +12,10 @@ classes. Each one only sets the schedule, read from environment variables that t
 - ``MultitasknnUNetTrainer_ClsBenchGAP``: the seed's head (global average pooling of the bottleneck) with
   nnU-Net's optimizer: the classification reference.
 - ``MultitasknnUNetTrainer_ClsBench``: the package's default head, optimizer and curriculum.
-- ``MultitasknnUNetTrainer_ClsBenchNoTF``: the same without teacher forcing of the guide (the default of
-  version 0.2.0), for the paired comparison.
+- ``MultitasknnUNetTrainer_ClsBenchNoTF``: the same without teacher forcing of the guide (the default before
+  teacher forcing), for the paired comparison.
+- ``MultitasknnUNetTrainer_ClsBenchTF50``: the default with teacher forcing also in phase 2, for half of the
+  cases (measured under the name ``MultitasknnUNetTrainer_ClsBench`` when that was the default).
 
 nnU-Net records a trainer's init arguments through ``locals()``, so every class keeps nnU-Net's explicit
 ``__init__`` signature.
@@ -26,7 +28,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from multitask_nnunet import MultitasknnUNetTrainer
 
 __all__ = ["nnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchGAP", "MultitasknnUNetTrainer_ClsBench",
-           "MultitasknnUNetTrainer_ClsBenchNoTF"]
+           "MultitasknnUNetTrainer_ClsBenchNoTF", "MultitasknnUNetTrainer_ClsBenchTF50"]
 
 SCHEDULE_VARIABLES = {"num_epochs": "MULTITASK_BENCH_EPOCHS",
                       "num_iterations_per_epoch": "MULTITASK_BENCH_ITERATIONS",
@@ -88,3 +90,8 @@ class MultitasknnUNetTrainer_ClsBenchNoTF(MultitasknnUNetTrainer_ClsBench):
     """As ``MultitasknnUNetTrainer_ClsBench``, but the guide is always the prediction (no teacher forcing)."""
     phase1_teacher_forcing = 0.0
     phase2_teacher_forcing = 0.0
+
+
+class MultitasknnUNetTrainer_ClsBenchTF50(MultitasknnUNetTrainer_ClsBench):
+    """As ``MultitasknnUNetTrainer_ClsBench``, with teacher forcing for half of the cases in phase 2 too."""
+    phase2_teacher_forcing = 0.5

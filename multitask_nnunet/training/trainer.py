@@ -100,11 +100,13 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
     phase2_cls_weight = 0.1
     #: teacher forcing of SegGuidedHead's guide in training: the probability, per case and step, that a case
     #: whose patch holds ground truth of the guide structure is pooled over that ground-truth mask instead of
-    #: the network's prediction, in phase 1 and in phase 2. Phase 1 learns what the structure looks like even
-    #: before segmentation finds it; phase 2 also pools over the network's own masks, as inference does.
-    #: 0 turns it off. Validation and inference always pool over the prediction.
+    #: the network's prediction, in phase 1 and in phase 2. In phase 1 (detached features) the head learns
+    #: what the structure looks like even before segmentation finds it, at no cost to segmentation; phase 2
+    #: pools over the network's own masks, as inference does (0.5 in phase 2 was measured with a lower lesion
+    #: Dice and no classification gain: TechReport 6.0). 0 turns it off. Validation and inference always pool
+    #: over the prediction.
     phase1_teacher_forcing = 1.0
-    phase2_teacher_forcing = 0.5
+    phase2_teacher_forcing = 0.0
     #: warn in the log when validation has predicted a single class for this many epochs in a row
     collapse_warning_epochs = 5
 
