@@ -13,7 +13,9 @@ load, every case, exit), on one folder:
 
 It prints the speed-ups (against stock's default, and against stock at the same TTA setting: ours default vs
 stock ``--disable_tta``, ours ``--tta`` vs stock's default), our per-stage time breakdown (from ``--profile``),
-and the Dice of each of ours against stock at the same TTA setting. Before the timed runs, the input files and
+the Dice of each of ours against stock at the same TTA setting, and the agreement of the preprocessing on the
+device (device_preprocessing.py; on by default with CUDA) with nnU-Net's CPU preprocessing: largest absolute
+difference and fraction of voxels within 1e-4, over the cases. Before the timed runs, the input files and
 the libraries are read once (untimed), so that no command pays for a cold disk cache that another does not;
 with ``--repeats N`` every command runs N times (interleaved) and the median counts.
 
@@ -149,6 +151,37 @@ def warm_up(cases, env) -> None:
                    env=env, check=True, stdin=subprocess.DEVNULL, capture_output=True)
 
 
+def preprocessing_agreement(model_dir, cases, checkpoint, device) -> dict:
+    """nnU-Net's CPU preprocessing (``preprocessor.run_case_npy`` with the plans' configuration) against ours on
+    ``device`` (device_preprocessing.py) for every case: the largest absolute difference, the fraction of voxels
+    within 1e-4, and each side's time (s, mean per case; the device's synchronised)."""
+    import copy
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+    from multitask_nnunet.inference.case_predictor import CasePredictor
+    ours = CasePredictor(model_dir, PredictorOptions(checkpoint=checkpoint, device=device, device_preprocessing=True),
+                         load_network=False).io
+    if not ours.on_device:
+        return {"supported": False}
+    reference = ConfigurationManager(ours.configuration_manager.configuration)
+    worst, within, seconds = 0.0, [], {"nnU-Net CPU": 0.0, f"ours on {device}": 0.0}
+    for case in cases:
+        image, properties = ours.read(case.name, case.files)
+        t0 = time.perf_counter()
+        expected, _, _ = reference.preprocessor_class(verbose=False).run_case_npy(
+            image, None, copy.deepcopy(properties), ours.plans_manager, reference, ours.dataset_json)
+        t1 = time.perf_counter()
+        data, _ = ours.preprocess(image, properties, case.name)
+        if data.is_cuda:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        difference = np.abs(data.cpu().numpy().astype(np.float64) - expected)
+        worst, within = max(worst, float(difference.max())), within + [float(np.mean(difference <= 1e-4))]
+        seconds["nnU-Net CPU"] += t1 - t0
+        seconds[f"ours on {device}"] += t2 - t1
+    return {"supported": True, "max_abs_difference": worst, "voxels_within_1e-4": float(np.mean(within)),
+            "seconds_per_case": {k: v / len(cases) for k, v in seconds.items()}}
+
+
 def end_to_end(args, model_dir, cases, folds, spec) -> int:
     env = {**os.environ, **environment_with_trainers()}  # stock nnU-Net must find our trainer class
     if args.threads:
@@ -172,6 +205,7 @@ def end_to_end(args, model_dir, cases, folds, spec) -> int:
         classes = {m: {n: int(np.argmax(p)) for n, p in read_probabilities_csv(
             os.path.join(commands[m][1], PROBABILITIES_CSV)).items()} for m in SAME_TTA}
     same_class = sum(classes[E2E_OURS][c.output_name] == classes[E2E_OURS_TTA][c.output_name] for c in cases)
+    preprocessing = preprocessing_agreement(model_dir, cases, args.checkpoint, args.device)
     n = len(cases)
     lines = [f"model {model_dir} (folds {folds}, {args.checkpoint})",
              f"input {args.i}: {n} cases, device {args.device}, {os.cpu_count()} CPU cores, whole commands as "
@@ -195,6 +229,12 @@ def end_to_end(args, model_dir, cases, folds, spec) -> int:
     lines.append(f"  {'total':<11}" + "".join(f" {profiles[m]['wall_s']:>24.2f} {'':>6}" for m in SAME_TTA))
     paths = {m: sorted({c["path"] for c in profiles[m]["cases"]}) for m in SAME_TTA}
     lines.append("paths: " + "; ".join(f"{m}: {', '.join(p)}" for m, p in paths.items()))
+    on_device = "on by default" if args.device == "cuda" else "off by default on CPU, measured here on CPU"
+    lines.append(f"preprocessing on the device ({on_device}) vs nnU-Net's CPU preprocessing: " + (
+        f"max abs difference {preprocessing['max_abs_difference']:.2e}, voxels within 1e-4 "
+        f"{preprocessing['voxels_within_1e-4']:.6f}; s/case " + ", ".join(
+            f"{k} {v:.3f}" for k, v in preprocessing["seconds_per_case"].items())
+        if preprocessing["supported"] else "not supported by these plans (nnU-Net's CPU preprocessing runs)"))
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
@@ -204,6 +244,7 @@ def end_to_end(args, model_dir, cases, folds, spec) -> int:
                        "speedup_vs_stock_default": {m: wall[E2E_STOCK] / s for m, s in wall.items()},
                        "speedup_vs_stock_same_tta": {m: wall[SAME_TTA[m]] / wall[m] for m in SAME_TTA},
                        "dice_vs_stock_same_tta": dice, "class_agreement_ours_vs_tta": same_class / n,
+                       "device_preprocessing_vs_nnunet": preprocessing,
                        "breakdown": {m: {k: v for k, v in p.items() if k not in ("cases", "definition")}
                                      for m, p in profiles.items()}}, f, indent=2)
     return 0

@@ -145,7 +145,7 @@ class MultitaskPredictor(nnUNetPredictor):
         num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
         num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
         if trainer_name in DEFAULT_ARCHITECTURE_TRAINERS:
-            # allow_init=False: the weights He-initialised by nnU-Net are replaced by the checkpoint's at once
+            # allow_init=False: no He initialisation, the checkpoint's weights replace it at once
             segmentation_network = get_network_from_plans(
                 configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
                 configuration_manager.network_arch_init_kwargs_req_import, num_inputs, num_outputs,
