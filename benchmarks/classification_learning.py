@@ -10,8 +10,8 @@ Steps (every nnU-Net step is the stock command line, run as a subprocess):
    (``--patch-size``); ``--plans default`` trains nnU-Net's ``nnUNetPlans`` unchanged (for CUDA).
 3. For each trainer (``--trainers``; default: stock ``nnUNetTrainer_ClsBench`` for segmentation only, then
    ``MultitasknnUNetTrainer_ClsBenchGAP`` as the classification reference, ``MultitasknnUNetTrainer_ClsBench``
-   for the package's default and ``MultitasknnUNetTrainer_ClsBenchNoTF``, the default without teacher forcing
-   of the guide; all in ``benchmarks/trainers/``, which this script puts first in
+   for the package's default and ``MultitasknnUNetTrainer_ClsBenchTF``, the default with teacher forcing of
+   the guide in phase 1; all in ``benchmarks/trainers/``, which this script puts first in
    ``nnUNet_extTrainer``): ``nnUNetv2_train DATASET 3d_fullres 0 -tr T -p PLANS -device DEV`` with the schedule
    of ``--epochs``, ``--iterations`` and ``--val-iterations`` (passed to the trainers through
    ``MULTITASK_BENCH_EPOCHS``, ``MULTITASK_BENCH_ITERATIONS`` and ``MULTITASK_BENCH_VAL_ITERATIONS``). Fold 0 is
@@ -81,7 +81,7 @@ CONFIGURATION = "3d_fullres"
 SMALL_PLANS = "nnUNetSmallPlans"
 STOCK_TRAINER = "nnUNetTrainer_ClsBench"
 DEFAULT_TRAINERS = [STOCK_TRAINER, "MultitasknnUNetTrainer_ClsBenchGAP", "MultitasknnUNetTrainer_ClsBench",
-                    "MultitasknnUNetTrainer_ClsBenchNoTF"]
+                    "MultitasknnUNetTrainer_ClsBenchTF"]
 CPU_SCHEDULE = {"epochs": 12, "iterations": 50, "val_iterations": 10}
 CUDA_SCHEDULE = {"epochs": 40, "iterations": 50, "val_iterations": 10}
 SMALL_FEATURES = {"base_features": 4, "max_features": 64}

@@ -237,6 +237,8 @@ out = {}
 trainer.current_epoch = 0
 out['phase0_none'] = trainer._guide_target(target) is None
 trainer.current_epoch = trainer.seg_warmup_epochs
+out['off_by_default'] = trainer._guide_target(target) is None
+trainer.phase1_teacher_forcing = 1.0
 guide = trainer._guide_target(target)
 lesion = target[0][:, 1:2].float()  # regions (1, 2) and (2,): channel 1 is the lesion
 out['equal'] = bool(torch.equal(guide, (lesion > 0).float()))
@@ -249,14 +251,16 @@ print(json.dumps(out))
 
 
 def test_teacher_forcing_guide_is_the_lesion_ground_truth(preprocessed):
-    """In phase 1 the guide target handed to SegGuidedHead is exactly the lesion region of nnU-Net's own
-    training batch (after augmentation and region conversion); none in the segmentation warm-up."""
+    """With ``phase1_teacher_forcing = 1`` the guide target handed to SegGuidedHead in phase 1 is exactly the
+    lesion region of nnU-Net's own training batch (after augmentation and region conversion); none in the
+    segmentation warm-up, and none by default."""
     import json
     import sys
     env = {**preprocessed.env, "nnUNet_n_proc_DA": "0"}
     result = run([sys.executable, "-c", GUIDE_TARGET_SCRIPT, str(DATASET_ID), CONFIG, TRAINER, PLANS], env)
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out == {**out, "phase0_none": True, "equal": True, "shape_ok": True, "finite": True}, out
+    assert out == {**out, "phase0_none": True, "off_by_default": True, "equal": True, "shape_ok": True,
+                   "finite": True}, out
     assert out["voxels"] > 0  # nnU-Net oversamples foreground: the batch holds lesion voxels
 
 

@@ -12,10 +12,11 @@ classes. Each one only sets the schedule, read from environment variables that t
 - ``MultitasknnUNetTrainer_ClsBenchGAP``: the seed's head (global average pooling of the bottleneck) with
   nnU-Net's optimizer: the classification reference.
 - ``MultitasknnUNetTrainer_ClsBench``: the package's default head, optimizer and curriculum.
-- ``MultitasknnUNetTrainer_ClsBenchNoTF``: the same without teacher forcing of the guide (the default before
-  teacher forcing), for the paired comparison.
-- ``MultitasknnUNetTrainer_ClsBenchTF50``: the default with teacher forcing also in phase 2, for half of the
-  cases (measured under the name ``MultitasknnUNetTrainer_ClsBench`` when that was the default).
+- ``MultitasknnUNetTrainer_ClsBenchTF``: the default with teacher forcing of the guide in phase 1 (every case
+  pooled over its ground-truth lesion while the features are detached).
+- ``MultitasknnUNetTrainer_ClsBenchTF50``: as ``_ClsBenchTF``, and for half of the cases in phase 2 too.
+
+TechReport 6.0 lists which class ran under which name (the defaults changed while they were measured).
 
 nnU-Net records a trainer's init arguments through ``locals()``, so every class keeps nnU-Net's explicit
 ``__init__`` signature.
@@ -28,7 +29,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from multitask_nnunet import MultitasknnUNetTrainer
 
 __all__ = ["nnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchGAP", "MultitasknnUNetTrainer_ClsBench",
-           "MultitasknnUNetTrainer_ClsBenchNoTF", "MultitasknnUNetTrainer_ClsBenchTF50"]
+           "MultitasknnUNetTrainer_ClsBenchTF", "MultitasknnUNetTrainer_ClsBenchTF50"]
 
 SCHEDULE_VARIABLES = {"num_epochs": "MULTITASK_BENCH_EPOCHS",
                       "num_iterations_per_epoch": "MULTITASK_BENCH_ITERATIONS",
@@ -86,12 +87,12 @@ class MultitasknnUNetTrainer_ClsBench(MultitasknnUNetTrainer):
                           MultitasknnUNetTrainer.phase1_epochs / 1000)
 
 
-class MultitasknnUNetTrainer_ClsBenchNoTF(MultitasknnUNetTrainer_ClsBench):
-    """As ``MultitasknnUNetTrainer_ClsBench``, but the guide is always the prediction (no teacher forcing)."""
-    phase1_teacher_forcing = 0.0
+class MultitasknnUNetTrainer_ClsBenchTF(MultitasknnUNetTrainer_ClsBench):
+    """As ``MultitasknnUNetTrainer_ClsBench``, with teacher forcing of the guide for every case in phase 1."""
+    phase1_teacher_forcing = 1.0
     phase2_teacher_forcing = 0.0
 
 
-class MultitasknnUNetTrainer_ClsBenchTF50(MultitasknnUNetTrainer_ClsBench):
-    """As ``MultitasknnUNetTrainer_ClsBench``, with teacher forcing for half of the cases in phase 2 too."""
+class MultitasknnUNetTrainer_ClsBenchTF50(MultitasknnUNetTrainer_ClsBenchTF):
+    """As ``MultitasknnUNetTrainer_ClsBenchTF``, with teacher forcing for half of the cases in phase 2 too."""
     phase2_teacher_forcing = 0.5

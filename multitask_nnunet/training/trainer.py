@@ -6,9 +6,8 @@ loss, DDP) stays nnU-Net's. This subclass adds:
 
 - the class labels, read from dataset.json (see multitask_nnunet.class_labels) and checked at initialize;
 - a classification head from the head registry (multitask_nnunet.heads): by default ``SegGuidedHead``,
-  which pools encoder features where the network itself predicts the class-carrying structure, and in
-  training, for a share of the cases (``phase1_teacher_forcing``, ``phase2_teacher_forcing``), where the
-  ground truth has it;
+  which pools encoder features where the network itself predicts the class-carrying structure (optionally,
+  in training, where the ground truth has it: ``phase1_teacher_forcing``, ``phase2_teacher_forcing``);
 - the head's own optimizer (AdamW with warm-up and poly decay, its own gradient clipping). One AMP grad
   scaler serves both optimizers, unscaling each before it is clipped;
 - a staged curriculum, ``loss = seg_loss + w * cls_loss`` with class-balanced cross-entropy:
@@ -100,12 +99,11 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
     phase2_cls_weight = 0.1
     #: teacher forcing of SegGuidedHead's guide in training: the probability, per case and step, that a case
     #: whose patch holds ground truth of the guide structure is pooled over that ground-truth mask instead of
-    #: the network's prediction, in phase 1 and in phase 2. In phase 1 (detached features) the head learns
-    #: what the structure looks like even before segmentation finds it, at no cost to segmentation; phase 2
-    #: pools over the network's own masks, as inference does (0.5 in phase 2 was measured with a lower lesion
-    #: Dice and no classification gain: TechReport 6.0). 0 turns it off. Validation and inference always pool
-    #: over the prediction.
-    phase1_teacher_forcing = 1.0
+    #: the network's prediction, in phase 1 and in phase 2 (validation and inference always pool over the
+    #: prediction). Off by default: in the CPU benchmark (TechReport 6.0) it let the head learn the subtypes
+    #: before the lesion was segmented, but gave no gain in F1 and came with a lower lesion Dice in both runs
+    #: that used it. Try ``phase1_teacher_forcing = 1.0`` where segmentation finds the structure late.
+    phase1_teacher_forcing = 0.0
     phase2_teacher_forcing = 0.0
     #: warn in the log when validation has predicted a single class for this many epochs in a row
     collapse_warning_epochs = 5
