@@ -42,8 +42,8 @@ def is_chatter(line: str) -> bool:
 
 
 class ChatterFilter:
-    """A text stream that passes whole lines on to ``target``, except chatter. A line ends at "\n" or at
-    "\r" (a progress bar's update), so progress bars stay live."""
+    """A text stream that passes whole lines on to ``target``, except chatter. A line ends at a newline or at
+    a carriage return (a progress bar's update), so progress bars stay live."""
 
     def __init__(self, target):
         self.target = target

@@ -31,7 +31,7 @@ from multitask_nnunet.demo import _run
 from multitask_nnunet.registration import environment_with_trainers
 env = environment_with_trainers()
 env['PYTHONWARNINGS'] = python_warnings_setting(env.get('PYTHONWARNINGS', ''))
-_run([sys.executable, '-c', sys.argv[1], sys.argv[2]], env)
+_run([sys.executable, sys.argv[1], sys.argv[2]], env)
 """
 
 CHATTER = ("not found in nnunetv2.training.nnUNetTrainer", "Searching in", "Inspecting module", "Found class",
@@ -40,16 +40,18 @@ CHATTER = ("not found in nnunetv2.training.nnUNetTrainer", "Searching in", "Insp
 
 def test_demo_keeps_nnunet_chatter_off_the_terminal_but_not_out_of_the_log(tmp_path):
     from multitask_nnunet.registration import environment_with_trainers
-    raw_log, log = tmp_path / "raw_log.txt", tmp_path / "log.txt"
-    unfiltered = subprocess.run([sys.executable, "-c", NNUNET_CHILD, str(raw_log)], env=environment_with_trainers(),
+    raw_log, log, child = tmp_path / "raw_log.txt", tmp_path / "log.txt", tmp_path / "child.py"
+    child.write_text(NNUNET_CHILD)
+    unfiltered = subprocess.run([sys.executable, str(child), str(raw_log)], env=environment_with_trainers(),
                                 capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL)
     for chatter in CHATTER:  # the child really is this chatty
         assert chatter in unfiltered.stdout + unfiltered.stderr, chatter
 
-    shown = run([sys.executable, "-c", DEMO_RUN, NNUNET_CHILD, str(log)], {}, timeout=1200)
+    shown = run([sys.executable, "-c", DEMO_RUN, str(child), str(log)], {}, timeout=1200)
+    echo, child_output = shown.stdout.split("\n", 1)
+    assert echo == f"+ {sys.executable} {child} {log}"
     for chatter in CHATTER:
-        assert chatter not in shown.stdout + shown.stderr, chatter
-    lines = shown.stdout.splitlines()
-    assert lines[0].startswith("+ ") and lines[1].endswith(": Epoch 0")
-    assert lines[2:] == ["progress 50%\rlast line, unfinished"]
+        assert chatter not in child_output + shown.stderr, chatter
+    lines = child_output.split("\n")  # text mode: the progress bar's "\r" reads as a line end too
+    assert lines[0].endswith(": Epoch 0") and lines[1:] == ["progress 50%", "last line, unfinished"]
     assert "No module named 'hiddenlayer'" in log.read_text() and "Epoch 0" in log.read_text()

@@ -25,6 +25,7 @@ loss, DDP) stays nnU-Net's. This subclass adds:
 """
 import multiprocessing
 import random
+import sys
 import warnings
 from time import sleep, time
 from typing import List, Union
@@ -190,17 +191,28 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
                                                                            device=self.device))
 
     def get_dataloaders(self):
-        """nnU-Net's data loaders; with ``seed``, their workers are restarted with seeds of their own (nnU-Net
-        starts them unseeded: batchgenerators' NonDetMultiThreadedAugmenter with ``seeds=None``). The seeds
-        include the epoch training starts at, so that a resumed run (``--c``) does not replay the first batches."""
-        train, val = super().get_dataloaders()
-        if self.seed is not None:
-            for offset, augmenter in ((1000, train), (2000, val)):
-                if hasattr(augmenter, "seeds"):  # one worker process or more; else single-threaded, seeded above
-                    start = self.seed + offset + 10000 * self.current_epoch
-                    augmenter.seeds = [start + w for w in range(augmenter.num_processes)]
-                    augmenter.restart()
-        return train, val
+        """nnU-Net's data loaders. nnU-Net starts its augmentation workers unseeded (batchgenerators'
+        NonDetMultiThreadedAugmenter with ``seeds=None``, nnunetv2 2.8.1); with ``seed``, the augmenters it
+        builds get seeds of their own, which include the epoch training starts at, so that a resumed run
+        (``--c``) does not replay the first batches. Seeding them as they are built, not restarting them
+        afterwards, avoids a worker shutdown at start-up, which can print a traceback from batchgenerators'
+        results thread."""
+        if self.seed is None:
+            return super().get_dataloaders()
+        stock = sys.modules[nnUNetTrainer.__module__]
+        augmenter_class = stock.NonDetMultiThreadedAugmenter
+        next_seed = [self.seed + 1000 + 10000 * self.current_epoch]
+
+        def seeded_augmenter(*args, **kwargs):  # train first, then validation
+            kwargs["seeds"] = [next_seed[0] + w for w in range(kwargs["num_processes"])]
+            next_seed[0] += 1000
+            return augmenter_class(*args, **kwargs)
+
+        stock.NonDetMultiThreadedAugmenter = seeded_augmenter
+        try:
+            return super().get_dataloaders()
+        finally:
+            stock.NonDetMultiThreadedAugmenter = augmenter_class
 
     def _build_multitask_network(self, plans_manager, configuration_manager, num_input_channels: int,
                                  num_output_channels: int, enable_deep_supervision: bool = True) -> MultitaskUNet:
