@@ -284,7 +284,8 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         if self.current_epoch in (self.seg_warmup_epochs, self.phase1_epochs) or self.current_epoch == 0:
             self.print_to_log_file(f"Phase {self.phase}: {PHASE_NAMES[self.phase]}")
         message = f"Phase {self.phase}, classification loss weight {self.cls_weight}"
-        if self.head_spec['class_name'] == 'SegGuidedHead':
+        if self.head_spec['class_name'] == 'SegGuidedHead' and (self.phase1_teacher_forcing or
+                                                                 self.phase2_teacher_forcing):
             message += f", guide teacher forcing {self.teacher_forcing}"
         if self.head_optimizer is not None:
             lr = self.head_learning_rate(self.current_epoch)
