@@ -34,10 +34,11 @@ DA_WORKERS = "1"  # nnUNet_n_proc_DA: nnU-Net's augmenter takes batches in the o
 #: far). Update the range, and MEASURED_RUNS, with each measured run.
 HEALTHY = [
     ("foreground", "Dice, whole region (labels 1+2)", 0.85, "0.9 or more"),
-    ("label_2", "Dice, lesion (label 2)", 0.55, "0.69 to 0.82"),
+    ("label_2", "Dice, lesion (label 2)", 0.55, "0.69 to 0.93"),
     ("macro_f1", "macro-F1 (6 test cases)", 0.5, "0.556 to 1.000"),
 ]
-MEASURED_RUNS = "2 runs by issue 14's probe on a 2-core CPU, before the demo was seeded"
+MEASURED_RUNS = ("4 runs on a 2-core CPU: 2 unseeded (issue 14's probe), 2 seeded (identical: whole 0.980, "
+                 "lesion 0.927, F1 1.000)")
 EXPECTED_TIME = "7 min 19 s on 2 idle CPU cores (version 0.1.0), much longer when other jobs share the cores"
 
 
