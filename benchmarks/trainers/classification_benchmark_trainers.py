@@ -15,6 +15,8 @@ classes. Each one only sets the schedule, read from environment variables that t
 - ``MultitasknnUNetTrainer_ClsBenchTF``: the default with teacher forcing of the guide in phase 1 (every case
   pooled over its ground-truth lesion while the features are detached).
 - ``MultitasknnUNetTrainer_ClsBenchTF50``: as ``_ClsBenchTF``, and for half of the cases in phase 2 too.
+- ``MultitasknnUNetTrainer_ClsBenchSegNeutral``: the default, but phase 1 lasts to the end: the head never
+  reaches the encoder, so segmentation trains as stock's does (the control for the Dice cost of the joint phase).
 
 TechReport 6.0 lists which class ran under which name (the defaults changed while they were measured).
 
@@ -29,7 +31,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from multitask_nnunet import MultitasknnUNetTrainer
 
 __all__ = ["nnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchGAP", "MultitasknnUNetTrainer_ClsBench",
-           "MultitasknnUNetTrainer_ClsBenchTF", "MultitasknnUNetTrainer_ClsBenchTF50"]
+           "MultitasknnUNetTrainer_ClsBenchTF", "MultitasknnUNetTrainer_ClsBenchTF50",
+           "MultitasknnUNetTrainer_ClsBenchSegNeutral"]
 
 SCHEDULE_VARIABLES = {"num_epochs": "MULTITASK_BENCH_EPOCHS",
                       "num_iterations_per_epoch": "MULTITASK_BENCH_ITERATIONS",
@@ -96,3 +99,13 @@ class MultitasknnUNetTrainer_ClsBenchTF(MultitasknnUNetTrainer_ClsBench):
 class MultitasknnUNetTrainer_ClsBenchTF50(MultitasknnUNetTrainer_ClsBenchTF):
     """As ``MultitasknnUNetTrainer_ClsBenchTF``, with teacher forcing for half of the cases in phase 2 too."""
     phase2_teacher_forcing = 0.5
+
+
+class MultitasknnUNetTrainer_ClsBenchSegNeutral(MultitasknnUNetTrainer_ClsBench):
+    """As ``MultitasknnUNetTrainer_ClsBench``, with phase 1 (the head on detached features) to the last epoch:
+    no classification gradient ever reaches the encoder or decoder."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.phase1_epochs = self.num_epochs
