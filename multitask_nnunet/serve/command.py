@@ -82,4 +82,6 @@ def _run(args) -> int:
     options = ServeOptions(args.queue_size, args.timeout, int(args.max_upload_mb * 2 ** 20), args.result_ttl,
                            args.max_results)
     serve(Service(args.m, predictor_options, options), args.host, args.port, token)
+    import gc
+    gc.freeze()  # as predict does: the interpreter's exit would otherwise scan every object torch made (seconds)
     return 0
