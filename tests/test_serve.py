@@ -177,14 +177,18 @@ def test_other_hosts_need_a_token(trained):
 
 
 def test_saliency_flag_and_missing_extra(trained):
-    from multitask_nnunet.serve.service import saliency_available
+    from multitask_nnunet.serve.options import saliency_available
     if not saliency_available():   # until the saliency feature is merged: one line, before loading anything
         result = run(ours("serve", "-m", trained.results, "--saliency"), trained.env, check=False, timeout=120)
         assert result.returncode == 1 and result.stderr.strip().splitlines() == [
             "multitask-nnunet serve: error: --saliency: not available in this version of multitask-nnunet"]
-    # without the serve extra: one line saying what to install (fastapi made unimportable)
-    code = ("import sys; sys.modules['fastapi'] = None; from multitask_nnunet.cli import main; "
-            f"sys.exit(main(['serve', '-m', {str(trained.results)!r}]))")
+    # without the serve extra (its packages made unimportable): the other commands work, serve says in one line
+    # what to install
+    without = ("import sys\nfor m in ('fastapi', 'uvicorn', 'python_multipart', 'starlette'): sys.modules[m] = None\n"
+               "from multitask_nnunet.cli import main\n")
+    result = run([sys.executable, "-c", without + "main(['--help'])"], trained.env, check=False, timeout=120)
+    assert result.returncode == 0 and "serve" in result.stdout and "predict" in result.stdout, result.stderr
+    code = without + f"sys.exit(main(['serve', '-m', {str(trained.results)!r}]))"
     result = run([sys.executable, "-c", code], trained.env, check=False, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -213,6 +217,18 @@ def test_channels_from_upload_names(tmp_path):
         with pytest.raises(ServiceError) as e:
             assign_channels([upload(n) for n in names], channels)
         assert e.value.status == status and words in e.value.message, e.value.message
+
+
+def test_results_expire_by_age_and_count(tmp_path):
+    from multitask_nnunet.serve.service import ResultStore, Stored
+    store = ResultStore(ttl=0.5, max_count=2)
+    for i in range(3):
+        (tmp_path / f"{i}.nii.gz").write_bytes(b"mask")
+        store.add(str(i), Stored(time.monotonic(), {}, str(tmp_path / f"{i}.nii.gz"), None, None))
+    assert store.get("0") is None and not (tmp_path / "0.nii.gz").exists()   # the oldest went, with its file
+    assert store.get("1") and store.get("2") and len(store) == 2
+    time.sleep(0.6)
+    assert store.get("2") is None and len(store) == 0 and not list(tmp_path.iterdir())
 
 
 def test_viewer_turns_images_to_the_patients_axes():

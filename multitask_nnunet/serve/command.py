@@ -11,7 +11,7 @@ import os
 
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.inference.options import DEFAULT_CHECKPOINT, PredictorOptions
-from multitask_nnunet.serve.service import TOKEN_ENV, ServeOptions, saliency_available
+from multitask_nnunet.serve.options import TOKEN_ENV, ServeOptions, saliency_available
 
 EXTRA = 'pip install "multitask-nnunet[serve]"'
 

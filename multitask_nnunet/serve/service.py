@@ -21,31 +21,16 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.inference.options import PredictorOptions
+from multitask_nnunet.serve.options import ServeOptions
 from multitask_nnunet.serve.uploads import ServiceError, Upload, assign_channels
 from multitask_nnunet.serve.viewer import Views
-
-TOKEN_ENV = "MULTITASK_NNUNET_TOKEN"
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    queue_size: int = 4                  # cases waiting for the model (besides the one it predicts)
-    timeout: float = 300.0               # s, per request: queueing and prediction
-    max_upload_bytes: int = 2 ** 30      # the whole request body
-    result_ttl: float = 3600.0           # s a result (JSON, mask, viewer) is kept
-    max_results: int = 32                # results kept at most (the oldest go first)
-
-
-def saliency_available() -> bool:
-    return "saliency" in {f.name for f in fields(PredictorOptions)}
-
 
 def volumes_ml(segmentation: np.ndarray, spacing, labels: dict) -> Dict[str, float]:
     """Millilitres per label or region of dataset.json (a region: the voxels holding any of its labels)."""
@@ -261,9 +246,10 @@ class Service:
 
     # ---------------------------------------------------------------- the model, shutting down
     def model_info(self) -> dict:
-        import nnunetv2
-        import torch
         from importlib.metadata import version
+
+        import torch
+
         import multitask_nnunet
         predictor = self.predictor
         configuration = predictor.predictor.configuration_manager
