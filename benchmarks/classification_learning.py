@@ -277,7 +277,7 @@ def predict_and_evaluate(args, trainer: str, multitask: bool, model: Path, plans
         metrics = load(metrics_file)
         result.update({"test_macro_f1": metrics["macro_f1"], "test_accuracy": metrics["accuracy"],
                        "test_confusion_matrix": metrics["confusion_matrix"],
-                       "test_dice": {name: metrics[name] for name in metrics["regions"]}})
+                       "test_dice": dict(metrics["dice"])})
     else:  # no subtype_results.csv, which multitask-nnunet evaluate requires: Dice only, same functions
         result.update({"test_macro_f1": None,
                        "test_dice": segmentation_dice(out, source / "test_labels", raw / "dataset.json")})
@@ -289,16 +289,16 @@ def segmentation_dice(pred_dir: Path, gt: Path, dataset_json: Path) -> dict:
     """Mean Dice per region of a segmentation-only prediction folder (no subtype_results.csv, which
     ``multitask-nnunet evaluate`` requires), with the evaluator's own functions."""
     from multitask_nnunet.evaluation.ground_truth import read_ground_truth
-    from multitask_nnunet.evaluation.label_maps import check_same_geometry, read_label_map
+    from multitask_nnunet.evaluation.evaluate import prediction_file
     from multitask_nnunet.evaluation.metrics import case_dice, segmentation_summary
-    from multitask_nnunet.evaluation.predictions import prediction_file
+    from multitask_nnunet.nifti import check_same_grid, read_label_map
 
     truth = read_ground_truth(str(gt), str(dataset_json))
     regions, ignore = truth.region_spec.regions, truth.region_spec.ignore_label
     rows, has_gt = [], []
     for case, mask in sorted(truth.masks.items()):
         pred = prediction_file(str(pred_dir), case, truth.file_ending)
-        check_same_geometry(case, mask, pred)
+        check_same_grid(case, pred, mask, ("prediction", "ground truth"))
         dice = case_dice(read_label_map(mask), read_label_map(pred), regions, ignore)
         rows.append([(dice or {}).get(n, np.nan) for n in regions])
         has_gt.append(dice is not None)

@@ -17,3 +17,13 @@ class InputWarning(UserWarning):
 
 def warn(message: str) -> None:
     warnings.warn(message, InputWarning, stacklevel=2)
+
+
+def one_line(error: Exception) -> str:
+    """The informative line of an exception's message: SimpleITK's are several lines, the C++ source location
+    first and the reason after ``ERROR: ``; other messages lose only their line breaks."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    errors = [line for line in lines if "ERROR" in line]
+    return (errors or [" ".join(lines)])[-1].split("ERROR: ")[-1]

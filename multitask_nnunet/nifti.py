@@ -1,6 +1,18 @@
-"""Refuse a NIfTI file that holds fewer voxel bytes than its header announces (a truncated copy or download).
+"""Image files, read safely: completeness, voxel grids, and label maps (the one home of all three).
 
-SimpleITK reads a truncated ``.nii.gz`` without complaint and fills the missing voxels with zeros, so every
+``convert`` (images and masks), ``predict`` (images) and ``evaluate`` (ground truth and predictions) read image
+files through this module, so they accept and refuse the same files:
+
+- ``check_complete``: a NIfTI file that holds fewer voxel bytes than its header announces (a truncated copy or
+  download) is refused;
+- ``read_geometry`` / ``grid_differences`` / ``check_same_grid``: two files must lie on one voxel grid (shape,
+  spacing, origin, direction within ``GEOMETRY_TOLERANCE``), e.g. a mask and its image, or a prediction and its
+  ground truth;
+- ``round_labels`` / ``read_label_map``: label maps stored as floats (the quiz's masks hold 1.0000152) are
+  rounded, but a voxel farther than ``VALUE_TOLERANCE`` from an integer means a resampled or damaged mask, and
+  is refused.
+
+Completeness: SimpleITK reads a truncated ``.nii.gz`` without complaint and fills the missing voxels with zeros, so every
 command that reads a NIfTI file (predict its images; convert its images and masks; evaluate its ground truth and
 predictions) first calls ``check_complete``. The check is cheap: the header (read by nibabel) gives the byte
 count of the uncompressed file, and a gzip file ends with the length of its uncompressed data (modulo 2^32).
@@ -11,13 +23,98 @@ import io
 import os
 import struct
 import zlib
+from dataclasses import dataclass
+from typing import List, Tuple
 
 import nibabel
 import numpy as np
 
-from multitask_nnunet.errors import InputError
+from multitask_nnunet.errors import InputError, one_line
 
 _CHUNK = 1 << 22
+VALUE_TOLERANCE = 1e-3      # how far a stored label value may lie from its integer
+GEOMETRY_TOLERANCE = 1e-4   # spacing, origin and direction: how far two grids may differ and still be one
+
+
+# ---------------------------------------------------------------------------------------------- voxel grids
+@dataclass(frozen=True)
+class Geometry:
+    shape: Tuple[int, ...]          # numpy order (z, y, x)
+    spacing: Tuple[float, ...]      # SimpleITK order (x, y, z), as are origin and direction
+    origin: Tuple[float, ...]
+    direction: Tuple[float, ...]
+
+
+def read_geometry(path) -> Geometry:
+    """The voxel grid of an image file, from its header (no pixel data is read), after checking that the file is
+    not truncated (``check_complete``: the NIfTI reader would fill the missing voxels with zeros)."""
+    import SimpleITK as sitk
+    check_complete(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(os.fspath(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(f"{path}: cannot read image header: {one_line(e)}") from None
+    return Geometry(tuple(reversed(reader.GetSize())), reader.GetSpacing(), reader.GetOrigin(),
+                    reader.GetDirection())
+
+
+def grid_differences(first: Geometry, second: Geometry) -> List[Tuple[str, tuple, tuple]]:
+    """``(field, first value, second value)`` for each field in which two grids differ beyond tolerance."""
+    differences = []
+    for field in ("shape", "spacing", "origin", "direction"):
+        a, b = getattr(first, field), getattr(second, field)
+        if len(a) != len(b) or not np.allclose(a, b, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE):
+            differences.append((field, a, b))
+    return differences
+
+
+def check_same_grid(case: str, first, second, roles: Tuple[str, str] = ("image", "image"),
+                    first_geometry: Geometry = None, second_geometry: Geometry = None) -> None:
+    """``InputError`` if two files lie on different voxel grids, e.g. ``case 'a': prediction P has spacing
+    (0.8, 0.8, 3) but ground truth G has (0.8, 0.8, 2)``, naming any further differing fields. ``roles`` name the
+    files in the message. Geometries already read may be passed; otherwise the headers are read (no voxels)."""
+    differences = grid_differences(first_geometry or read_geometry(first), second_geometry or read_geometry(second))
+    if differences:
+        field, a, b = differences[0]
+        others = [d[0] for d in differences[1:]]
+        raise InputError(f"case '{case}': {roles[0]} {first} has {field} {format_values(a)} but {roles[1]} {second} "
+                         f"has {format_values(b)}" + (f" (also different: {', '.join(others)})" if others else ""))
+
+
+def format_values(values) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+# ---------------------------------------------------------------------------------------------- label maps
+def round_labels(values: np.ndarray, path) -> np.ndarray:
+    """Integer labels (int32) of a label map's voxel values; integer arrays pass as they are. A voxel farther than
+    ``VALUE_TOLERANCE`` from an integer (or NaN) is an ``InputError`` naming ``path``, the count and an example."""
+    if np.issubdtype(values.dtype, np.integer):
+        return values
+    rounded = np.rint(values)
+    off = ~(np.abs(values - rounded) <= VALUE_TOLERANCE)   # NaN counts as off
+    if off.any():
+        where = tuple(int(i) for i in np.argwhere(off)[0])
+        raise InputError(f"{path}: {int(off.sum())} voxel(s) are not integer labels, e.g. value "
+                         f"{float(values[where]):.6g} at voxel (z, y, x) = {where}; values must lie within "
+                         f"{VALUE_TOLERANCE:g} of an integer")
+    return rounded.astype(np.int32)
+
+
+def read_label_map(path) -> np.ndarray:
+    """A label map's integer labels, numpy order (z, y, x); refuses a truncated file and non-integer values."""
+    import SimpleITK as sitk
+    check_complete(path)
+    try:
+        image = sitk.ReadImage(os.fspath(path))
+    except RuntimeError as e:
+        raise InputError(f"{path}: cannot read label map: {one_line(e)}") from None
+    return round_labels(sitk.GetArrayFromImage(image), path)
+
+
+# ---------------------------------------------------------------------------------------------- completeness
 
 
 def check_complete(path) -> None:

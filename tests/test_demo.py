@@ -7,11 +7,13 @@ from multitask_nnunet.errors import InputWarning
 
 
 def test_healthy_run_passes_quietly_and_a_weak_one_is_named(recwarn):
-    healthy = {key: floor + 0.05 for key, _, floor, _ in HEALTHY}
+    floors = {keys[-1]: floor for keys, _, floor, _ in HEALTHY}
+    healthy = {"dice": {"foreground": floors["foreground"] + 0.05, "label_2": floors["label_2"] + 0.05},
+               "macro_f1": floors["macro_f1"] + 0.05}   # evaluate's schema
     lines = health_report(healthy)
     assert len(lines) == 1 + len(HEALTHY) and not [w for w in recwarn if w.category is InputWarning]
 
-    weak = {**healthy, "label_2": 0.2, "macro_f1": None}
+    weak = {"dice": {**healthy["dice"], "label_2": 0.2}, "macro_f1": None}
     with pytest.warns(InputWarning) as caught:
         health_report(weak)
     messages = sorted(str(w.message) for w in caught)

@@ -103,9 +103,9 @@ def test_quiz_layout_default_regions_cli(tmp_path):
 
     results = json.loads(out.read_text())
     assert results["regions"] == {"label_1": [1], "label_2": [2], "foreground": [1, 2]}
-    assert results["label_1"] == pytest.approx(LABEL_1)
-    assert results["label_2"] == pytest.approx(LESION)
-    assert results["foreground"] == pytest.approx(WHOLE)
+    assert results["dice"]["label_1"] == pytest.approx(LABEL_1)
+    assert results["dice"]["label_2"] == pytest.approx(LESION)
+    assert results["dice"]["foreground"] == pytest.approx(WHOLE)
     assert results["segmentation"]["label_2"] == {"mean_dice": pytest.approx(LESION), "n_evaluated": 5,
                                                   "n_empty_both": 1}
     assert results["per_case"][4]["dice"] == pytest.approx({"label_1": 23 / 28, "label_2": 0.75,
@@ -118,8 +118,9 @@ def test_quiz_layout_default_regions_cli(tmp_path):
     assert results["balanced_accuracy"] == pytest.approx(2 / 3)
     assert [(r["precision"], r["recall"], r["support"]) for r in results["per_class"]] == \
         [(0.5, 0.5, 2), (pytest.approx(2 / 3), 1.0, 2), (1.0, 0.5, 2)]
-    assert set(results["ci95"]) == {"label_1", "label_2", "foreground", "macro_f1", "accuracy"}
-    for lo, hi in results["ci95"].values():
+    assert set(results["ci95"]) == {"dice", "macro_f1", "accuracy"}
+    assert set(results["ci95"]["dice"]) == {"label_1", "label_2", "foreground"}
+    for lo, hi in [*results["ci95"]["dice"].values(), results["ci95"]["macro_f1"], results["ci95"]["accuracy"]]:
         assert 0 <= lo <= hi <= 1
     assert results["n_cases"] == 6 and results["bootstrap"] == {"n_resamples": 200, "seed": 1}
     assert (tmp_path / "results" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -145,8 +146,8 @@ def test_raw_dataset_regions_and_ignore_label_cli(tmp_path):
 
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["regions"] == {"whole_pancreas": [1, 2], "pancreas_lesion": [2]}
-    assert results["whole_pancreas"] == pytest.approx(WHOLE)
-    assert results["pancreas_lesion"] == pytest.approx(LESION)
+    assert results["dice"]["whole_pancreas"] == pytest.approx(WHOLE)
+    assert results["dice"]["pancreas_lesion"] == pytest.approx(LESION)
     assert results["per_case"][0]["dice"] == {"whole_pancreas": 1.0, "pancreas_lesion": 1.0}
     assert {r["case"]: r for r in results["per_case"]}["quiz_1_007"] == {
         "case": "quiz_1_007", "true_class": 1, "predicted_class": 1, "has_segmentation_gt": False, "dice": None}
@@ -172,11 +173,11 @@ def test_flat_layout_perfect_prediction_api(tmp_path):
     write_csv(os.path.join(pred, "class_probabilities.csv"), [], ("Names", "Subtype", "prob_A", "prob_B", "prob_C"))
 
     results = evaluate(pred, str(gt), dataset_json=str(dataset_json), n_bootstrap=50)
-    assert results["whole_pancreas"] == 1.0 and results["pancreas_lesion"] == 1.0
+    assert results["dice"]["whole_pancreas"] == 1.0 and results["dice"]["pancreas_lesion"] == 1.0
     assert results["macro_f1"] == 1.0 and results["accuracy"] == 1.0
     assert results["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 2]]
     assert results["class_names"] == ["A", "B", "C"] and results["ground_truth"]["layout"] == "flat"
-    assert results["ci95"]["whole_pancreas"] == [1.0, 1.0]
+    assert results["ci95"]["dice"]["whole_pancreas"] == [1.0, 1.0]
     assert os.path.isfile(os.path.join(pred, "confusion_matrix.png"))
     table = format_table(results)
     assert "whole_pancreas" in table and "macro-F1" in table and "[1.0000, 1.0000]" in table
@@ -258,13 +259,13 @@ def test_bad_input_is_one_line_error(tmp_path, corrupt, expected):
 
 def test_float_mask_must_hold_integer_labels(tmp_path):
     from multitask_nnunet.errors import InputError
-    from multitask_nnunet.evaluation.label_maps import read_label_map
+    from multitask_nnunet.nifti import read_label_map
 
     path = str(tmp_path / "m.nii.gz")
     write_image(path, label_map() * np.float32(1.0000152))
     assert np.array_equal(read_label_map(path), label_map())
     write_image(path, label_map() * np.float32(0.7))
-    with pytest.raises(InputError, match="m.nii.gz: label map holds values that are not integer labels"):
+    with pytest.raises(InputError, match=r"m.nii.gz: \d+ voxel\(s\) are not integer labels"):
         read_label_map(path)
 
 

@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 from multitask_nnunet.class_labels import CLASSIFICATION_KEY, ClassLabels
 from multitask_nnunet.conversion.label_spec import DEFAULT_LABELS, IGNORE, LabelSpec, read_label_spec
-from multitask_nnunet.conversion.layout import ENDING, Case, SourceDataset, scan_dataset
-from multitask_nnunet.conversion.masks import (check_same_grid, ignore_label_map, integer_label_map,
-                                               read_geometry, write_label_map)
+from multitask_nnunet.conversion.layout import ENDING, SourceCase, SourceDataset, scan_dataset
+from multitask_nnunet.conversion.masks import ignore_label_map, integer_label_map, write_label_map
 from multitask_nnunet.conversion.splits import SPLITS_FILE, original_split, stratified_folds, write_splits
 from multitask_nnunet.conversion.staging import remove_leftover_staging, staged_folder
 from multitask_nnunet.errors import InputError
+from multitask_nnunet.nifti import check_same_grid, read_geometry
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -168,13 +168,14 @@ def _write_dataset(folder: Path, source: SourceDataset, spec: LabelSpec, channel
                           **{CLASSIFICATION_KEY: class_labels.to_json()})
 
 
-def _label_map(case: Case, spec: LabelSpec):
+def _label_map(case: SourceCase, spec: LabelSpec):
     """The case's label map, after checking that its images and mask share one voxel grid."""
     reference = case.mask or case.images[0]
     geometry = read_geometry(reference)
     for image in case.images:
         if image != reference:
-            check_same_grid(case.name, image, read_geometry(image), reference, geometry)
+            check_same_grid(case.name, image, reference, ("image", "mask" if case.mask else "image"),
+                            second_geometry=geometry)
     if case.mask is None:
         return ignore_label_map(geometry, spec.labels[IGNORE])
     return integer_label_map(case.mask, spec.values)

@@ -7,7 +7,7 @@ Layout (the pancreas quiz's; any folder prefix works)::
     INPUT/validation/<prefix><K>/...               same naming; optional
     INPUT/test/<case>_0000.nii.gz                  images only; optional
 
-Class K's name is its folder's name (the rule, shared with ``evaluate``: ``multitask_nnunet.class_folders``);
+Class K's name is its folder's name (the rule, shared with ``evaluate``: ``multitask_nnunet.class_labels``);
 the indices must run 0, 1, ..., K-1, all class folders share one prefix, and a name must mean the same index in
 train/ and validation/. A class without a validation case is a warning (the original split cannot score it).
 A case without a mask is reported with ``mask=None``; the caller decides.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from multitask_nnunet.class_folders import EXAMPLE, check_one_prefix, parse_class_folder
+from multitask_nnunet.class_labels import EXAMPLE, check_one_prefix, parse_class_folder
 from multitask_nnunet.errors import InputError, warn
 
 ENDING = ".nii.gz"
@@ -27,7 +27,8 @@ _CHANNEL = re.compile(r"^(.+)_(\d{4})$")
 
 
 @dataclass(frozen=True)
-class Case:
+class SourceCase:
+    """A labelled case of the dataset being converted (``convert``)."""
     name: str
     class_index: int
     split: str                  # "train" or "validation"
@@ -38,7 +39,7 @@ class Case:
 @dataclass(frozen=True)
 class SourceDataset:
     class_names: List[str]
-    cases: List[Case]           # sorted by name
+    cases: List[SourceCase]           # sorted by name
     test_images: List[Path]     # sorted by file name
 
     def split_cases(self, split: str) -> List[str]:
@@ -57,7 +58,7 @@ def scan_dataset(input_dir: Path, num_channels: int) -> SourceDataset:
     class_names = _class_names(input_dir, class_folders)
     index_of = {name: i for i, name in enumerate(class_names)}
 
-    cases: Dict[str, Case] = {}
+    cases: Dict[str, SourceCase] = {}
     for split, folders in class_folders.items():
         for folder in folders:
             for case in _cases_in(folder, split, index_of[folder.name], num_channels):
@@ -159,13 +160,13 @@ def _channel_list(case: str, folder: Path, channels: Dict[int, Path], num_channe
     return tuple(channels[c] for c in range(num_channels))
 
 
-def _cases_in(folder: Path, split: str, class_index: int, num_channels: int) -> List[Case]:
+def _cases_in(folder: Path, split: str, class_index: int, num_channels: int) -> List[SourceCase]:
     images, masks = _group_channels(folder, _nifti_stems(folder))
     for mask in masks:
         if mask not in images:
             raise InputError(f"case {mask}: missing image {folder / f'{mask}_0000{ENDING}'} for mask "
                              f"{folder / f'{mask}{ENDING}'}")
-    return [Case(name, class_index, split, _channel_list(name, folder, channels, num_channels),
+    return [SourceCase(name, class_index, split, _channel_list(name, folder, channels, num_channels),
                  folder / f"{name}{ENDING}" if name in masks else None)
             for name, channels in sorted(images.items())]
 

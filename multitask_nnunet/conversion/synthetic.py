@@ -27,7 +27,6 @@ it (label 2). Only the lesion's appearance tells the class: 0 dark, 1 bright, 2 
 geometry, same bytes.
 """
 import argparse
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -35,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from multitask_nnunet.class_csv import GROUND_TRUTH_CSV, write_case_classes
 from multitask_nnunet.conversion.staging import staged_folder
 from multitask_nnunet.errors import InputError
 
@@ -42,7 +42,6 @@ SPACING = (0.75, 0.75, 2.0)         # mm, SimpleITK order (x, y, z)
 BACKGROUND_HU, PANCREAS_HU, DARK_HU, BRIGHT_HU, NOISE_HU = -60, 110, 20, 220, 15
 ARTIFACT = 1.52e-5                  # the size of the float noise seen in the quiz's masks
 TEST_LABELS = "test_labels"
-CLASS_CSV = "classes.csv"
 
 
 
@@ -116,10 +115,8 @@ def make_synthetic_dataset(out_dir, cases: int = 18, validation_cases: int = 9, 
                     folder = staged / split / f"subtype{class_index}"
                     _write(image, _with_artifacts(rng, labels), folder, folder, name)
         (staged / TEST_LABELS).mkdir(exist_ok=True)
-        with open(staged / TEST_LABELS / CLASS_CSV, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["Names", "Subtype"])
-            writer.writerows([f"{name}.nii.gz", k] for name, k in sorted(test_classes.items()))
+        write_case_classes(staged / TEST_LABELS / GROUND_TRUTH_CSV,
+                           {f"{name}.nii.gz": k for name, k in test_classes.items()})
     print(f"wrote {cases} train, {validation_cases} validation and {test_cases} test cases "
           f"({classes} classes, {geometry} geometry) to {out_dir}")
     return out_dir

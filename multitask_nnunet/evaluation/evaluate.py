@@ -9,21 +9,23 @@ Every input is checked (files present, CSVs, class indices, voxel grids) before 
 input fails fast with a message naming the case.
 
 Python API: ``evaluate(pred_dir, gt, ...) -> dict`` and ``format_table(results) -> str``.
+
+The results (and ``--json``): ``dice`` holds the mean Dice per region (``{"whole_pancreas": 0.93, ...}``) and
+``ci95.dice`` their intervals, so region names never meet metric names; the classification metrics are top-level.
 """
 import os
 from typing import Optional
 
 import numpy as np
 
-from multitask_nnunet.class_csv import RESULTS_CSV
+from typing import Dict, Iterable
+
+from multitask_nnunet.class_csv import PROBABILITIES_CSV, RESULTS_CSV, probability_class_names, read_case_classes
 from multitask_nnunet.errors import InputError, warn
-from multitask_nnunet.evaluation.case_classes import check_class_range
 from multitask_nnunet.evaluation.ground_truth import GroundTruth, read_ground_truth
-from multitask_nnunet.evaluation.label_maps import check_same_geometry, read_label_map
-from multitask_nnunet.evaluation.predictions import (class_names_from_probabilities, prediction_file,
-                                                     read_predicted_classes)
 from multitask_nnunet.evaluation.regions import default_regions
 from multitask_nnunet.evaluation.report import format_table
+from multitask_nnunet.nifti import check_same_grid, read_label_map
 
 __all__ = ["evaluate", "format_table", "add_parser"]
 
@@ -45,7 +47,7 @@ def evaluate(pred_dir, gt, dataset_json: Optional[str] = None, json_file: Option
     cases, missing, predicted, class_names = _checked_inputs(pred_dir, truth, gt, only_predicted)
 
     # imported only now: nnU-Net pulls in torch, which would slow down every CLI call and every input error
-    from multitask_nnunet.evaluation import metrics, outputs
+    from multitask_nnunet.evaluation import metrics, report
 
     regions, dice, has_gt = _dice_table(truth, cases, pred_dir, metrics.case_dice)
     names = list(regions)
@@ -56,12 +58,12 @@ def evaluate(pred_dir, gt, dataset_json: Optional[str] = None, json_file: Option
     ci95 = {}
     if n_bootstrap:
         ci = metrics.bootstrap_ci(dice, y_true, y_pred, n_bootstrap, seed)
-        ci95 = {**{n: ci["dice"][j] for j, n in enumerate(names)},
+        ci95 = {"dice": {n: ci["dice"][j] for j, n in enumerate(names)},
                 "macro_f1": ci["macro_f1"], "accuracy": ci["accuracy"]}
 
     png = os.path.join(os.path.dirname(os.path.abspath(json_file)) if json_file else pred_dir, CONFUSION_MATRIX_PNG)
-    results = outputs.json_ready({
-        **{n: segmentation[n]["mean_dice"] for n in names},
+    results = report.json_ready({
+        "dice": {n: segmentation[n]["mean_dice"] for n in names},
         **{k: classification[k] for k in ("macro_f1", "accuracy", "balanced_accuracy", "confusion_matrix")},
         "class_names": class_names,
         "regions": {n: list(labels) for n, labels in regions.items()},
@@ -80,9 +82,9 @@ def evaluate(pred_dir, gt, dataset_json: Optional[str] = None, json_file: Option
         "cases_without_prediction": missing,
         "confusion_matrix_png": png,
     })
-    outputs.save_confusion_matrix_png(results, png)
+    report.save_confusion_matrix_png(results, png)
     if json_file:
-        outputs.write_json(results, json_file)
+        report.write_json(results, json_file)
     return results
 
 
@@ -106,12 +108,33 @@ def _checked_inputs(pred_dir: str, truth: GroundTruth, gt: str, only_predicted: 
     if unknown:
         shown = ", ".join(f"'{c}'" for c in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         warn(f"{results_csv}: {len(unknown)} row(s) for cases not in the ground truth {gt} are ignored: {shown}")
-    class_names = truth.class_names or class_names_from_probabilities(pred_dir) or truth.default_class_names
+    # the model's class names (prob_<name> columns) count the classes even when the cases do not cover them all
+    class_names = truth.class_names or probability_class_names(os.path.join(pred_dir, PROBABILITIES_CSV)) or \
+        truth.default_class_names
     check_class_range(truth.classes, cases, len(class_names), f"ground truth {gt}")
     check_class_range(predicted, cases, len(class_names), results_csv)
-    for case in cases:
-        check_same_geometry(case, truth.masks[case], prediction_file(pred_dir, case, truth.file_ending))
+    for case in cases:  # headers only: a prediction on another grid would give a meaningless Dice
+        check_same_grid(case, prediction_file(pred_dir, case, truth.file_ending), truth.masks[case],
+                        ("prediction", "ground truth"))
     return cases, missing, predicted, class_names
+
+
+def prediction_file(pred_dir: str, case: str, file_ending: str) -> str:
+    return os.path.join(pred_dir, case + file_ending)
+
+
+def read_predicted_classes(pred_dir: str, file_ending: str) -> Dict[str, int]:
+    if not os.path.isdir(pred_dir):
+        raise InputError(f"{pred_dir}: prediction folder not found")
+    return read_case_classes(os.path.join(pred_dir, RESULTS_CSV), file_ending)
+
+
+def check_class_range(classes: Dict[str, int], cases: Iterable[str], num_classes: int, source: str) -> None:
+    """A class index outside [0, num_classes) would silently grow the confusion matrix; refuse it instead."""
+    for case in cases:
+        if not 0 <= classes[case] < num_classes:
+            raise InputError(f"{source}: case '{case}' has class {classes[case]}, "
+                             f"expected a class index in [0, {num_classes - 1}]")
 
 
 def _dice_table(truth: GroundTruth, cases, pred_dir: str, case_dice):

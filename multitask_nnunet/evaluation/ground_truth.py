@@ -6,7 +6,7 @@
    writes its test labels.
 3. Quiz: masks in class folders ``GT/.../<prefix><k>/<case>.nii.gz`` (e.g. ``validation/subtype0``), beside
    the ``<case>_0000.nii.gz`` images; the class is the folder's number ``k`` (the rule ``convert`` uses too:
-   ``multitask_nnunet.class_folders``). Every class folder under GT counts, so point GT at the split that was
+   ``multitask_nnunet.class_labels``). Every class folder under GT counts, so point GT at the split that was
    predicted (``data/validation``, not ``data``).
 
 The layouts are tried in this order. ``dataset_json`` (a file) supplies region definitions and class names
@@ -18,14 +18,13 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from multitask_nnunet.class_folders import EXAMPLE, check_one_prefix, parse_class_folder
-from multitask_nnunet.class_labels import CLASSIFICATION_KEY, class_labels_for_cases, read_class_labels
+from multitask_nnunet.class_csv import GROUND_TRUTH_CSV, read_case_classes, strip_ending
+from multitask_nnunet.class_labels import (CLASSIFICATION_KEY, EXAMPLE, check_one_prefix, class_labels_for_cases,
+                                           parse_class_folder, read_class_labels)
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.evaluation.case_classes import read_case_classes, strip_ending
 from multitask_nnunet.evaluation.regions import RegionSpec, regions_from_labels
 
 MASK_ENDING = ".nii.gz"
-CLASSES_CSV = "classes.csv"
 IMAGE_CHANNEL = re.compile(r"_\d{4}" + re.escape(MASK_ENDING) + "$")
 
 
@@ -47,7 +46,7 @@ def read_ground_truth(gt: str, dataset_json: Optional[str] = None) -> GroundTrut
     if os.path.isfile(os.path.join(gt, "dataset.json")) and os.path.isdir(os.path.join(gt, "labelsTr")):
         return _nnunet_raw(gt, given or _load_json(os.path.join(gt, "dataset.json")),
                            dataset_json or os.path.join(gt, "dataset.json"))
-    if os.path.isfile(os.path.join(gt, CLASSES_CSV)):
+    if os.path.isfile(os.path.join(gt, GROUND_TRUTH_CSV)):
         return _flat(gt, given, dataset_json)
     return _quiz(gt, given, dataset_json)
 
@@ -94,8 +93,8 @@ def _nnunet_raw(gt: str, dataset: dict, source: str) -> GroundTruth:
 def _flat(gt: str, dataset: Optional[dict], source: Optional[str]) -> GroundTruth:
     masks = _masks_in(gt, MASK_ENDING)
     if not masks:
-        raise InputError(f"{gt}: no '*{MASK_ENDING}' masks beside {CLASSES_CSV}")
-    csv_path = os.path.join(gt, CLASSES_CSV)
+        raise InputError(f"{gt}: no '*{MASK_ENDING}' masks beside {GROUND_TRUTH_CSV}")
+    csv_path = os.path.join(gt, GROUND_TRUTH_CSV)
     classes = read_case_classes(csv_path, MASK_ENDING)
     for case in masks:
         if case not in classes:
@@ -118,7 +117,7 @@ def _quiz(gt: str, dataset: Optional[dict], source: Optional[str]) -> GroundTrut
             class_folders.add(os.path.basename(folder))
     if not masks:
         raise InputError(f"{gt}: not a ground-truth folder: expected an nnU-Net raw dataset (dataset.json + "
-                         f"labelsTr/), masks + {CLASSES_CSV}, or class folders like {EXAMPLE} holding "
+                         f"labelsTr/), masks + {GROUND_TRUTH_CSV}, or class folders like {EXAMPLE} holding "
                          f"<case>{MASK_ENDING}")
     prefix = check_one_prefix(class_folders, gt)
     spec, names = _regions_and_names(dataset, source)

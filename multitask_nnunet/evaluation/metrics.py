@@ -1,11 +1,16 @@
 """The numbers: per-case Dice (nnU-Net's definitions), case-level classification metrics (scikit-learn) and
 percentile bootstrap confidence intervals over cases.
 
+Classification is scored per case, never per patch (public multi-task projects reported F1 per patch): a
+case's class probabilities are the mean over all of its patches (``mean_probabilities_per_case``, used by the
+trainer's validation epochs), and metrics are computed over cases.
+
 Dice follows nnU-Net: a region empty in both ground truth and prediction has Dice NaN, which is left out of
 the region's mean (and counted, as ``n_empty_both``); voxels with the ignore label count for nothing.
 """
 import warnings
-from typing import Dict, List, Optional
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
@@ -75,3 +80,11 @@ def bootstrap_ci(dice: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, n_res
     return {"dice": dice_ci,
             "macro_f1": tuple(np.percentile(macro_f1, [2.5, 97.5])),
             "accuracy": tuple(np.percentile(accuracy, [2.5, 97.5]))}
+
+
+def mean_probabilities_per_case(keys: Iterable[str], probabilities: Iterable[Iterable[float]]) -> Dict[str, np.ndarray]:
+    """``{case: mean probabilities}`` over all patches of each case (``keys``: the case of each patch)."""
+    grouped = defaultdict(list)
+    for key, p in zip(keys, probabilities):
+        grouped[key].append(np.asarray(p, dtype=np.float64))
+    return {k: np.mean(v, axis=0) for k, v in grouped.items()}

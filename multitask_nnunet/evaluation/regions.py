@@ -16,11 +16,6 @@ from typing import Dict, Iterable, Optional, Tuple
 from multitask_nnunet.errors import InputError
 
 FOREGROUND = "foreground"
-# top-level keys of the results; a region may not shadow them because region names are top-level keys too
-RESERVED_NAMES = {"macro_f1", "accuracy", "balanced_accuracy", "confusion_matrix", "class_names", "regions",
-                  "ignore_label", "n_cases", "n_cases_with_segmentation_gt", "segmentation", "per_class", "per_case",
-                  "ci95", "bootstrap", "ground_truth", "predictions", "cases_without_prediction",
-                  "confusion_matrix_png"}
 
 Regions = Dict[str, Tuple[int, ...]]
 
@@ -45,8 +40,6 @@ def regions_from_labels(labels, source: str) -> RegionSpec:
         values = value if isinstance(value, list) else [value]
         if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
             raise InputError(f"{source}: label '{name}' must be an integer or a list of integers, found {value!r}")
-        if name in RESERVED_NAMES:
-            raise InputError(f"{source}: label '{name}' clashes with a result key; rename it")
         regions[name] = tuple(sorted(set(values)))
     if not regions:
         raise InputError(f"{source}: 'labels' defines no foreground label")

@@ -1,4 +1,11 @@
-"""The results as a readable table for the terminal (plain text only, so importing it is cheap)."""
+"""The results' three forms: a table for the terminal, the JSON and the confusion-matrix PNG (both written
+atomically). Importing it is cheap: matplotlib and scikit-learn are imported only to draw the PNG."""
+import json
+import math
+
+import numpy as np
+
+from multitask_nnunet.atomic import atomic_path, atomic_write_text
 
 
 def format_number(value) -> str:
@@ -12,6 +19,7 @@ def _interval(ci) -> str:
 def format_table(results: dict) -> str:
     """The results as fixed-width text, for the terminal."""
     ci = results["ci95"]
+    region_ci = ci.get("dice", {})
     n_boot = results["bootstrap"]["n_resamples"]
     ci_note = f"95% CI: case bootstrap, {n_boot} resamples" if n_boot else "no bootstrap"
     lines = [f"{results['n_cases']} cases; predictions {results['predictions']}; "
@@ -24,7 +32,7 @@ def format_table(results: dict) -> str:
                   f"segmentation ground truth; {ci_note})",
               f"  {'region':<20} {'mean Dice':>9}  {'95% CI':<18} {'cases':>5}  {'empty in both':>13}"]
     for name, row in seg.items():
-        lines.append(f"  {name:<20} {format_number(row['mean_dice']):>9}  {_interval(ci.get(name)):<18} "
+        lines.append(f"  {name:<20} {format_number(row['mean_dice']):>9}  {_interval(region_ci.get(name)):<18} "
                      f"{row['n_evaluated']:>5}  {row['n_empty_both']:>13}")
 
     lines += ["", f"Classification ({results['n_cases']} cases, {len(results['class_names'])} classes)"]
@@ -41,3 +49,38 @@ def format_table(results: dict) -> str:
     for name, counts in zip(results["class_names"], results["confusion_matrix"]):
         lines.append(f"  {name:<{width}}" + "".join(f" {c:>{width}}" for c in counts))
     return "\n".join(lines)
+
+
+def json_ready(value):
+    """NaN becomes None (JSON has no NaN) and numpy values plain Python ones."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_json(results: dict, path: str) -> None:
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+
+
+def save_confusion_matrix_png(results: dict, path: str) -> None:
+    from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig = Figure(figsize=(1.2 * len(results["class_names"]) + 2.5, 1.2 * len(results["class_names"]) + 2))
+    ax = fig.subplots()
+    ConfusionMatrixDisplay(confusion_matrix=np.array(results["confusion_matrix"]),
+                           display_labels=results["class_names"]).plot(ax=ax, cmap="Blues", colorbar=False)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"macro-F1 {format_number(results['macro_f1'])}, accuracy {format_number(results['accuracy'])}")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from multitask_nnunet.atomic import remove_leftover_temporaries
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.inference.cases import Case, is_done, list_cases, part_of
+from multitask_nnunet.inference.cases import InputCase, is_done, list_cases, part_of
 from multitask_nnunet.inference.class_rows import PARTS_FOLDER, ClassRows, known_rows
 from multitask_nnunet.inference.model_folder import DEFAULT_PLANS, DEFAULT_TRAINER, resolve_model_folder
 from multitask_nnunet.inference.options import DEFAULT_CHECKPOINT, DEFAULT_WORKERS, BatchOptions, PredictorOptions
@@ -128,7 +128,7 @@ def _remove_leftovers(output_dir: str) -> None:
               f"{', '.join(removed)}")
 
 
-def _merge(all_cases: List[Case], output_dir: str, rows: ClassRows, report: PredictionReport, num_parts: int):
+def _merge(all_cases: List[InputCase], output_dir: str, rows: ClassRows, report: PredictionReport, num_parts: int):
     on_disk = known_rows(output_dir)
     missing = [c.name for c in all_cases if not is_done(c, output_dir, on_disk)]
     if num_parts == 1 or not missing:
@@ -140,7 +140,7 @@ def _merge(all_cases: List[Case], output_dir: str, rows: ClassRows, report: Pred
               f"finishes the last of them")
 
 
-def _predict_cases(todo: List[Case], output_dir: str, model_dir: str, rows: ClassRows, report: PredictionReport,
+def _predict_cases(todo: List[InputCase], output_dir: str, model_dir: str, rows: ClassRows, report: PredictionReport,
                    options: BatchOptions, breakdown: Breakdown, loaded: list):
     # imported only now: torch and nnU-Net's predictor take seconds, which input errors should not wait for
     from multitask_nnunet.inference.case_predictor import CasePredictor
@@ -161,7 +161,7 @@ def _predict_cases(todo: List[Case], output_dir: str, model_dir: str, rows: Clas
             predictor.write_mask(result, path)
             return time.perf_counter() - t0
 
-        def failed(case: Case, error: InputError) -> None:
+        def failed(case: InputCase, error: InputError) -> None:
             if not options.continue_on_error:
                 raise error
             report.failed[case.name] = str(error)

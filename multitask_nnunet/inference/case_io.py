@@ -26,7 +26,7 @@ import numpy as np
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from multitask_nnunet.atomic import atomic_path
-from multitask_nnunet.errors import InputError
+from multitask_nnunet.errors import InputError, one_line
 from multitask_nnunet.nifti import check_complete
 
 
@@ -104,7 +104,7 @@ class CaseIO:
             data, _, properties = preprocessor.run_case_npy(image, None, dict(properties), self.plans_manager,
                                                             self.configuration_manager, self.dataset_json)
         except Exception as e:
-            raise InputError(f"{source}: preprocessing failed ({_one_line(e)})") from None
+            raise InputError(f"{source}: preprocessing failed ({one_line(e)})") from None
         finite = data.flatten(1).isfinite().all(1).tolist() if self.on_device else \
             [np.isfinite(data[channel]).all() for channel in range(data.shape[0])]
         for channel, ok in enumerate(finite):
@@ -119,14 +119,14 @@ class CaseIO:
             try:
                 image, properties = reader.read_images([file])
             except Exception as e:
-                return InputError(f"{file}: cannot read image ({_one_line(e)})")
+                return InputError(f"{file}: cannot read image ({one_line(e)})")
             if image.shape[0] != 1:
                 return InputError(f"{file}: holds {image.shape[0]} channels (array shape {image.shape[1:]} each); "
                                   f"the model expects one 3d image per channel file")
             geometry.append(f"{file}: shape {image.shape[1:]}, spacing {properties['spacing']}")
         if len(files) > 1:
             return InputError(f"case '{name}': channel images do not match ({'; '.join(geometry)})")
-        return InputError(f"case '{name}' ({files[0]}): cannot read image ({_one_line(error)})")
+        return InputError(f"case '{name}' ({files[0]}): cannot read image ({one_line(error)})")
 
     def write_mask(self, segmentation: np.ndarray, properties: dict, path: str) -> None:
         """The mask via the plans' reader/writer (the input's geometry), to a temporary file then renamed."""
@@ -154,10 +154,3 @@ def _check_float_nifti_is_finite(file: str) -> None:
         return
     if not finite:
         raise InputError(_NOT_FINITE.format(file))
-
-
-def _one_line(error: Exception) -> str:
-    """The informative line of a (SimpleITK: multi-line, source location first) error message."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    errors = [line for line in lines if "ERROR" in line]
-    return f"{type(error).__name__}: {(errors or lines)[-1]}" if lines else type(error).__name__

@@ -14,7 +14,8 @@ from multitask_nnunet.errors import InputError
 
 
 @dataclass(frozen=True)
-class Case:
+class InputCase:
+    """A case of the folder being predicted (``predict``): its channel images."""
     name: str                   # e.g. quiz_037
     files: Tuple[str, ...]      # one image per channel, channel order
     file_ending: str            # e.g. .nii.gz
@@ -29,7 +30,7 @@ def channel_pattern(*file_endings: str) -> "re.Pattern":
     return re.compile(r"(.+)_(\d{4})(" + "|".join(re.escape(e) for e in file_endings) + ")")
 
 
-def list_cases(folder: str, file_ending: str, channel_names: Dict[str, str]) -> Tuple[List[Case], Dict[str, str]]:
+def list_cases(folder: str, file_ending: str, channel_names: Dict[str, str]) -> Tuple[List[InputCase], Dict[str, str]]:
     """(valid cases sorted by name, {case or file name: problem}) for the images in ``folder`` that end in
     ``file_ending``; other files are ignored, as nnU-Net does."""
     if not os.path.isdir(folder):
@@ -59,7 +60,7 @@ def list_cases(folder: str, file_ending: str, channel_names: Dict[str, str]) -> 
             problems[name] = (f"case '{name}' in {folder}: {what} (the model expects {expected} channel(s): "
                               f"{described})")
         else:
-            cases.append(Case(name, tuple(files[c] for c in range(expected)), file_ending))
+            cases.append(InputCase(name, tuple(files[c] for c in range(expected)), file_ending))
     if not cases and not problems:
         raise InputError(f"input folder {folder}: no images named <case>_0000{file_ending}")
     return cases, problems
@@ -73,6 +74,6 @@ def part_of(names: Sequence[str], num_parts: int, part_id: int) -> List[str]:
     return sorted(names)[part_id::num_parts]
 
 
-def is_done(case: Case, output_folder: str, class_rows: Dict[str, object]) -> bool:
+def is_done(case: InputCase, output_folder: str, class_rows: Dict[str, object]) -> bool:
     """Done = its mask exists and its row is in the class CSVs; both are written atomically, so both complete."""
     return os.path.isfile(os.path.join(output_folder, case.output_name)) and case.output_name in class_rows

@@ -36,6 +36,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.heads import build_head, head_spec_from_checkpoint
+from multitask_nnunet.nnunet_copies import follows
 from multitask_nnunet.network import MultitaskUNet, merge_state_dict
 from multitask_nnunet.registration import DEFAULT_ARCHITECTURE_TRAINERS, ext_trainer_path
 
@@ -96,6 +97,7 @@ class MultitaskPredictor(nnUNetPredictor):
         self._loaded_parameters: Optional[int] = None  # index into list_of_parameters held by the network
 
     # ---------------------------------------------------------------- set-up
+    @follows(nnUNetPredictor.initialize_from_trained_model_folder, "451332e5a3c9")
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds, checkpoint_name: str =
                                              "checkpoint_final.pth") -> List[str]:
         """Like nnU-Net's, but builds a MultitaskUNet and keeps each fold's head weights. Returns the class names
@@ -174,6 +176,7 @@ class MultitaskPredictor(nnUNetPredictor):
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else dummy_context()
 
+    @follows(nnUNetPredictor._internal_maybe_mirror_and_predict, "96614c55a488")
     @torch.inference_mode()
     def _mirror_and_predict(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(segmentation logits, class probabilities) of one batch, averaged over the mirror axes if TTA."""
@@ -203,6 +206,7 @@ class MultitaskPredictor(nnUNetPredictor):
         segmentation, class_probs = self._mirror_and_predict(padded[None])
         return segmentation[0][(slice(None), *revert[1:])], class_probs[0]
 
+    @follows(nnUNetPredictor._internal_predict_sliding_window_return_logits, "9179d1b29e93")
     def _predict_sliding(self, data: torch.Tensor, results_device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """Tiles run on ``self.device``; logits and weights are accumulated on ``results_device`` (nnU-Net's
         ``perform_everything_on_device`` and its CPU fallback)."""
@@ -225,6 +229,7 @@ class MultitaskPredictor(nnUNetPredictor):
         logits /= weights
         return logits[(slice(None), *revert[1:])], class_sum / weight_sum
 
+    @follows(nnUNetPredictor._internal_predict_sliding_window_return_logits, "9179d1b29e93")
     def _tiles(self, data: torch.Tensor, slicers: list) -> Iterator[Tuple[tuple, torch.Tensor]]:
         """(slicer, contiguous tile on ``self.device``) per slicer, cut by a producer thread two tiles ahead, as in
         nnU-Net 2.8.1's ``_internal_predict_sliding_window_return_logits``: on CUDA the next tile's copy overlaps
@@ -296,6 +301,7 @@ class MultitaskPredictor(nnUNetPredictor):
                                        "stops on this too)")
         return PreprocessedPrediction(logits_sum, probabilities, path, fallback)
 
+    @follows(nnUNetPredictor.predict_sliding_window_return_logits, "76bacfa82a3c")
     def _predict_one_fold(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, str, Optional[str]]:
         """(logits, class probabilities, path, fallback) with the current weights. Out-of-memory fallbacks are
         tried outside the except blocks, so that the traceback no longer holds the failed pass's tensors."""

@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from multitask_nnunet.errors import InputError
+from multitask_nnunet.errors import InputError, one_line
 from multitask_nnunet.serve.service import Service
 from multitask_nnunet.serve.uploads import ServiceError, UploadReceiver, describe_bytes
 from multitask_nnunet.serve.viewer import LAYERS, VIEWS
@@ -76,7 +76,7 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):
         traceback.print_exception(e, file=sys.stderr)
-        return JSONResponse({"detail": f"internal error: {type(e).__name__}: {_one_line(e)}"}, 500)
+        return JSONResponse({"detail": f"internal error: {type(e).__name__}: {one_line(e)}"}, 500)
 
     @app.get("/health")
     def health():
@@ -205,8 +205,3 @@ async def _drain(body, limit: int = 64 * 2 ** 20) -> None:
                 return
     except Exception:  # the client went away, or the body was already read
         pass
-
-
-def _one_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else ""

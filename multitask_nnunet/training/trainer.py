@@ -49,9 +49,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from multitask_nnunet.class_csv import write_class_csvs
 from multitask_nnunet.class_labels import class_labels_for_cases, class_weights, read_class_labels
-from multitask_nnunet.case_probabilities import mean_probabilities_per_case
-from multitask_nnunet.evaluation.metrics import classification_metrics
+from multitask_nnunet.evaluation.metrics import classification_metrics, mean_probabilities_per_case
 from multitask_nnunet.heads import build_head, plan_head, resolve_guide
+from multitask_nnunet.nnunet_copies import follows
 from multitask_nnunet.network import MultitaskUNet, merge_state_dict, split_state_dict
 from multitask_nnunet.training.logger import MultitaskLocalLogger
 
@@ -294,6 +294,7 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
             message += f", head learning rate {lr:.3g}"
         self.print_to_log_file(message)
 
+    @follows(nnUNetTrainer.train_step, "141e91e02072")
     def train_step(self, batch: dict) -> dict:
         data = batch['data'].to(self.device, non_blocking=True)
         target = batch['target']
@@ -343,6 +344,7 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
                 [np.ravel(v) for v in self._gather(outputs[key])]))), self.current_epoch)
 
     # ------------------------------------------------------------------ validation (per epoch)
+    @follows(nnUNetTrainer.validation_step, "d970a8588cf2")
     def validation_step(self, batch: dict) -> dict:
         """nnU-Net's validation step (loss and pseudo-Dice counts), with the class probabilities of each
         patch taken from the same forward pass."""
@@ -401,6 +403,7 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         self.logger.log('combined_metric', s * self.logger.get_value('ema_fg_dice', step=-1) + (1 - s) * ema, epoch)
         self._val_cases_seen = len(cases)
 
+    @follows(nnUNetTrainer.on_epoch_end, "1955a9021871")
     def on_epoch_end(self):
         """nnU-Net's on_epoch_end, with ``checkpoint_best.pth`` chosen by the combined metric
         (``self._best_ema`` holds its best value) and the classification figures in the log."""
@@ -438,6 +441,7 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
                                    f"learns')")
 
     # ------------------------------------------------------------------ checkpoints
+    @follows(nnUNetTrainer.save_checkpoint, "3ae275b9ebfb")
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0:
             return
@@ -462,6 +466,7 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         }
         torch.save(checkpoint, filename)
 
+    @follows(nnUNetTrainer.load_checkpoint, "08e42a85eba0")
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         if not self.was_initialized:
             self.initialize()
@@ -486,6 +491,7 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
             self.grad_scaler.load_state_dict(checkpoint['grad_scaler_state'])
 
     # ------------------------------------------------------------------ final validation
+    @follows(nnUNetTrainer.perform_actual_validation, "57747aab3047")
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's final validation (sliding window, step 0.5, mirroring; nnU-Net's export and
         summary.json), run through MultitaskPredictor's one-case path (``predict_preprocessed_case``, which
