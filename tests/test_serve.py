@@ -74,7 +74,7 @@ class Server:
         return self.process.returncode
 
 
-def start_server(trained, root: Path, *extra) -> Server:
+def start_server(trained, root: Path, *extra, env=None) -> Server:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / "tmp"
     tmp.mkdir()
@@ -82,7 +82,7 @@ def start_server(trained, root: Path, *extra) -> Server:
     log = root / "serve.log"
     with open(log, "w") as out:
         process = subprocess.Popen(ours("serve", "-m", trained.results, "--device", "cpu", "--port", port, *extra),
-                                   env={**os.environ, **trained.env, "TMPDIR": str(tmp)}, stdout=out,
+                                   env={**os.environ, **trained.env, "TMPDIR": str(tmp), **(env or {})}, stdout=out,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = Server(f"http://127.0.0.1:{port}", process, tmp, log)
     deadline = time.monotonic() + 300
@@ -403,11 +403,13 @@ def test_full_queue_answers_503(server, case):
     assert server.predict(case).status_code == 200   # still serving
 
 
-def test_timeout_and_cleanup_on_shutdown(trained, case, tmp_path):
-    server = start_server(trained, tmp_path, "--timeout", "0.05")   # no token: loopback
+def test_env_token_timeout_and_cleanup_on_shutdown(trained, case, tmp_path):
+    # the token from the environment instead of --token
+    server = start_server(trained, tmp_path, "--timeout", "0.05", env={"MULTITASK_NNUNET_TOKEN": "from-env"})
     try:
         private = server.private()
-        assert_one_line_error(server.predict(case, headers={}), 504, "--timeout")
+        assert_one_line_error(server.predict(case, headers={}), 401, "token")
+        assert_one_line_error(server.predict(case, headers={"Authorization": "Bearer from-env"}), 504, "--timeout")
         assert wait_until(lambda: not any((private / "uploads").iterdir()))   # the worker is done with it
         assert server.get("/health", headers={}).json()["results"] == 0   # and dropped its late result
         assert not list((private / "results").iterdir())

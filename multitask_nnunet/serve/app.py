@@ -137,10 +137,12 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", found.payload["name"])
         return f"{name}{suffix}{service.predictor.file_ending}"
 
+    media_type = "application/gzip" if service.predictor.file_ending.endswith(".gz") else "application/octet-stream"
+
     @app.get("/predict/{result_id}/mask", dependencies=guarded)
     def mask(result_id: str):
         found = stored(result_id)
-        return FileResponse(found.mask, media_type="application/gzip", filename=download_name(found))
+        return FileResponse(found.mask, media_type=media_type, filename=download_name(found))
 
     @app.get("/predict/{result_id}/saliency", dependencies=guarded)
     def saliency(result_id: str):
@@ -149,7 +151,7 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
             raise ServiceError(404, f"result {result_id}: no saliency map (" + (
                 "serve was started without --saliency)" if service.model_info()["saliency"] is False
                 else "the model gave none for this case)"))
-        return FileResponse(found.saliency, media_type="application/gzip", filename=download_name(found, "_saliency"))
+        return FileResponse(found.saliency, media_type=media_type, filename=download_name(found, "_saliency"))
 
     @app.get("/predict/{result_id}/slice/{view}/{index}", dependencies=guarded)
     def slice_png(result_id: str, view: str, index: int, layer: str = "image"):

@@ -64,7 +64,7 @@ def _run(args) -> int:
                          f"(or ${TOKEN_ENV})")
     for name, value, low in (("--queue-size", args.queue_size, 1), ("--max-results", args.max_results, 1),
                              ("--timeout", args.timeout, 1e-9), ("--max-upload-mb", args.max_upload_mb, 1e-9),
-                             ("--result-ttl", args.result_ttl, 1e-9), ("--port", args.port, 0)):
+                             ("--result-ttl", args.result_ttl, 1e-9), ("--port", args.port, 1)):
         if value < low:
             raise InputError(f"{name} {value}: must be {'at least 1' if low == 1 else 'positive'}")
     if args.saliency and not saliency_available():
