@@ -77,7 +77,7 @@ class Server:
 def start_server(trained, root: Path, *extra, env=None) -> Server:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / "tmp"
-    tmp.mkdir()
+    tmp.mkdir(exist_ok=True)
     port = free_port()
     log = root / "serve.log"
     with open(log, "w") as out:
@@ -404,8 +404,14 @@ def test_full_queue_answers_503(server, case):
 
 
 def test_env_token_timeout_and_cleanup_on_shutdown(trained, case, tmp_path):
-    # the token from the environment instead of --token
+    # what a killed server left (its process is gone): removed at start; the token from the environment
+    from multitask_nnunet.atomic import owner_tag
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    leftover = tmp_path / "tmp" / f"multitask-nnunet-serve-{owner_tag().rsplit('-', 1)[0]}-{gone.pid}-x1_y"
+    (leftover / "uploads" / "tmpabc").mkdir(parents=True)
     server = start_server(trained, tmp_path, "--timeout", "0.05", env={"MULTITASK_NNUNET_TOKEN": "from-env"})
+    assert not leftover.exists() and "removed" in server.log.read_text()
     try:
         private = server.private()
         assert_one_line_error(server.predict(case, headers={}), 401, "token")

@@ -8,11 +8,13 @@
 - Every file lives in one private folder (``tempfile.mkdtemp``: mode 0700): uploads in ``uploads/<random>/`` under
   the server's names, removed as soon as the case is done (or failed, or skipped), masks and saliency maps in
   ``results/``, removed with their result. Results expire after ``result_ttl`` seconds, and beyond
-  ``max_results`` the oldest go first. ``close`` removes the folder.
+  ``max_results`` the oldest go first. ``close`` removes the folder. Its name carries the host and process id
+  (as atomic.py's temporary files do), so that the next start removes the folder of a server that was killed.
 """
 import math
 import os
 import queue
+import re
 import secrets
 import shutil
 import sys
@@ -26,11 +28,30 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from multitask_nnunet.atomic import owner_is_gone, owner_tag
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.inference.options import PredictorOptions
 from multitask_nnunet.serve.options import ServeOptions
 from multitask_nnunet.serve.uploads import ServiceError, Upload, assign_channels
 from multitask_nnunet.serve.viewer import Views
+
+
+PRIVATE_PREFIX = "multitask-nnunet-serve-"
+# multitask-nnunet-serve-<host>-<pid>-<mkdtemp's random letters, digits and _>
+_PRIVATE = re.compile(re.escape(PRIVATE_PREFIX) + r"(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[A-Za-z0-9_]+")
+
+
+def remove_leftover_folders(parent: str) -> List[str]:
+    """The private folders in ``parent`` of servers on this host whose process is gone (killed: a server that
+    stops removes its own), removed; their names."""
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        match = _PRIVATE.fullmatch(name)
+        if match and owner_is_gone(match["host"], match["pid"]) and os.path.isdir(os.path.join(parent, name)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
 
 def volumes_ml(segmentation: np.ndarray, spacing, labels: dict) -> Dict[str, float]:
     """Millilitres per label or region of dataset.json (a region: the voxels holding any of its labels)."""
@@ -111,7 +132,10 @@ class Service:
         self.load_seconds = time.perf_counter() - t0
         self.warm_up_seconds = self._warm_up()
         # made only now: nothing is left behind by a start that fails or is interrupted while the model loads
-        self.root = tempfile.mkdtemp(prefix="multitask-nnunet-serve-")
+        for name in remove_leftover_folders(tempfile.gettempdir()):
+            print(f"multitask-nnunet serve: removed {os.path.join(tempfile.gettempdir(), name)}, left by a server "
+                  f"that was killed", flush=True)
+        self.root = tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{owner_tag()}-")
         self.uploads = os.path.join(self.root, "uploads")
         self.results = os.path.join(self.root, "results")
         os.mkdir(self.uploads, 0o700)
