@@ -101,8 +101,9 @@ def start_server(trained, root: Path, *extra, env=None) -> Server:
 
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
+    from multitask_nnunet.serve.options import saliency_available
     server = start_server(trained, tmp_path_factory.mktemp("serve"), "--token", TOKEN, "--queue-size", "1",
-                          "--max-upload-mb", LIMIT_MB)
+                          "--max-upload-mb", LIMIT_MB, *(["--saliency"] if saliency_available() else []))
     yield server
     server.stop()
 
@@ -266,7 +267,8 @@ def test_good_case_matches_predict(server, case, cli_prediction):
     np.testing.assert_allclose(list(result["probabilities"].values()), list(cli_probabilities.values()), atol=1e-5)
     assert result["uncertainty"] == {} or all(isinstance(v, float) for v in result["uncertainty"].values())
     assert set(result["timings"]) >= {"read", "preprocess", "network", "export", "queue", "service"}
-    assert result["saliency"] is False
+    saliency = server.get("/model").json()["saliency"]   # served with --saliency where the feature exists
+    assert result["saliency"] is saliency
 
     mask_response = server.get(f"/predict/{result['id']}/mask")
     assert mask_response.status_code == 200
@@ -285,16 +287,23 @@ def test_good_case_matches_predict(server, case, cli_prediction):
     assert result["volumes_ml"] == pytest.approx({"foreground": (labels > 0).sum() * voxel_ml,
                                                   "label_2": (labels == 2).sum() * voxel_ml}, abs=1e-3)
 
-    # the viewer's slices; no saliency for this model
+    # the viewer's slices; the saliency map where it exists
     sizes = result["viewer"]["sizes"]
     assert sizes == {"axial": image.GetSize()[2], "coronal": image.GetSize()[1], "sagittal": image.GetSize()[0]}
     for view, n in sizes.items():
-        for layer in ("image", "mask"):
+        for layer in ("image", "mask") + (("saliency",) if saliency else ()):
             png = server.get(f"/predict/{result['id']}/slice/{view}/{n // 2}?layer={layer}")
             assert png.status_code == 200 and png.headers["content-type"] == "image/png"
             assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert_one_line_error(server.get(f"/predict/{result['id']}/slice/axial/{sizes['axial']}"), 404, "slice")
-    assert_one_line_error(server.get(f"/predict/{result['id']}/saliency"), 404, "saliency")
+    if saliency:
+        saliency_file = server.tmp.parent / "served_saliency.nii.gz"
+        saliency_file.write_bytes(server.get(f"/predict/{result['id']}/saliency").content)
+        saliency_map = sitk.ReadImage(str(saliency_file))
+        assert saliency_map.GetSize() == image.GetSize()
+        np.testing.assert_allclose(saliency_map.GetOrigin(), image.GetOrigin(), atol=1e-6)
+    else:
+        assert_one_line_error(server.get(f"/predict/{result['id']}/saliency"), 404, "saliency")
     assert_one_line_error(server.get(f"/predict/{'0' * 32}/mask"), 404, "no result")
     assert wait_until(lambda: not any((server.private() / "uploads").iterdir()))
 
@@ -472,7 +481,8 @@ def test_viewer_in_headless_chromium(server, case, tmp_path):
         driver.save_screenshot(str(tmp_path / "viewer.png"))
         driver.find_element(By.ID, "show-mask").click()
         assert not driver.find_element(By.CSS_SELECTOR, "#view-axial img.mask").is_displayed()
-        assert driver.find_element(By.ID, "show-saliency").get_attribute("disabled")  # no saliency here
+        # the saliency toggle is there only where the model was served with saliency
+        assert bool(driver.find_element(By.ID, "show-saliency").get_attribute("disabled")) != expected["saliency"]
     finally:
         driver.quit()
     assert (tmp_path / "viewer.png").stat().st_size > 10000
