@@ -21,6 +21,9 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"test": ["pytest"]},
+    # serve: the HTTP service (multitask-nnunet serve); pillow draws the viewer's slices (matplotlib needs it too)
+    extras_require={"serve": ["fastapi", "uvicorn", "python-multipart", "pillow"],
+                    "test": ["pytest", "fastapi", "uvicorn", "python-multipart", "pillow", "requests", "selenium"]},
+    package_data={"multitask_nnunet.serve": ["static/*"]},
     entry_points={"console_scripts": ["multitask-nnunet=multitask_nnunet.cli:main"]},
 )

@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = [
     "multitask_nnunet.evaluation.evaluate",      # evaluate
     "multitask_nnunet.demo",                     # demo
     "multitask_nnunet.registration",             # trainer-path
+    "multitask_nnunet.serve.command",            # serve
 ]
 
 

@@ -80,6 +80,11 @@ class CaseIO:
         if image.shape[0] != len(files):
             raise InputError(f"case '{name}': {len(files)} image file(s) hold {image.shape[0]} channels; the model "
                              f"expects one channel per file ({', '.join(files)})")
+        dimension = _image_dimension(properties)
+        model_dimension = len(self.configuration_manager.patch_size)
+        if dimension is not None and dimension < model_dimension:
+            raise InputError(f"case '{name}' ({', '.join(files)}): a {dimension}d image; the model is "
+                             f"{model_dimension}d and needs {model_dimension}d images")
         return image, properties
 
     def preprocess(self, image: np.ndarray, properties: dict, name: str,
@@ -130,6 +135,13 @@ class CaseIO:
 
 
 _NOT_FINITE = "{}: image contains NaN or infinite values"
+
+
+def _image_dimension(properties: dict):
+    """The dimension of the image file as stored, where the reader says (SimpleITK's: nnU-Net reads a 2d image as
+    one slice of a volume with a spacing of 999); None where it does not."""
+    sitk_stuff = properties.get("sitk_stuff")
+    return len(sitk_stuff["spacing"]) if sitk_stuff and "spacing" in sitk_stuff else None
 
 
 def _check_float_nifti_is_finite(file: str) -> None:

@@ -106,6 +106,7 @@ class CasePredictor:
         # what preprocessing needs: the plans, dataset.json and the configuration the checkpoint was trained on
         configuration = _checkpoint_entries(self.model_dir, self.folds[0], options.checkpoint)["init_args"][
             "configuration"]
+        self.configuration_name: str = configuration
         dataset_json = load_json(os.path.join(self.model_dir, "dataset.json"))
         plans_manager = PlansManager(os.path.join(self.model_dir, "plans.json"))
         on_device = self.device.type == "cuda" if options.device_preprocessing is None else options.device_preprocessing

@@ -25,12 +25,17 @@ class InputCase:
         return self.name + self.file_ending
 
 
+def channel_pattern(*file_endings: str) -> "re.Pattern":
+    """``<case>_XXXX<ending>`` for any of ``file_endings``: groups case, channel (4 digits), ending."""
+    return re.compile(r"(.+)_(\d{4})(" + "|".join(re.escape(e) for e in file_endings) + ")")
+
+
 def list_cases(folder: str, file_ending: str, channel_names: Dict[str, str]) -> Tuple[List[InputCase], Dict[str, str]]:
     """(valid cases sorted by name, {case or file name: problem}) for the images in ``folder`` that end in
     ``file_ending``; other files are ignored, as nnU-Net does."""
     if not os.path.isdir(folder):
         raise InputError(f"input folder {folder} does not exist")
-    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
+    pattern = channel_pattern(file_ending)
     channels: Dict[str, Dict[int, str]] = {}
     problems: Dict[str, str] = {}
     images = [f for f in os.listdir(folder)  # hidden files are left out: e.g. atomic writes' .tmp_ files
