@@ -75,3 +75,37 @@ def bootstrap_ci(dice: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, n_res
     return {"dice": dice_ci,
             "macro_f1": tuple(np.percentile(macro_f1, [2.5, 97.5])),
             "accuracy": tuple(np.percentile(accuracy, [2.5, 97.5]))}
+
+
+def probability_metrics(y_true: np.ndarray, probabilities: np.ndarray, class_names: List[str],
+                        n_bins: Optional[int] = None) -> dict:
+    """Metrics of the class probabilities (N, K):
+
+    - ROC-AUC one-vs-rest per class (scikit-learn's ``roc_auc_score`` of ``y == k`` against ``p_k``; NaN for a
+      class that is absent or alone in the truth) and ``macro``, their mean over the defined classes;
+    - Brier score, multi-class: mean over cases of sum_k (p_k - [y == k])^2 (0 best, 2 worst);
+    - ECE: 15 equal-width bins on the max probability (multitask_nnunet.calibration.ece), and the bins
+      (cases, accuracy, mean confidence) for the reliability diagram."""
+    from sklearn.metrics import roc_auc_score
+    from multitask_nnunet.calibration import ECE_BINS, ece
+    n_bins = n_bins or ECE_BINS
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(y_true, dtype=int)
+    onehot = np.eye(len(class_names))[y]
+    auc = {}
+    for k, name in enumerate(class_names):
+        positive = y == k
+        auc[name] = float(roc_auc_score(positive, p[:, k])) if 0 < positive.sum() < len(y) else float("nan")
+    defined = [v for v in auc.values() if not np.isnan(v)]
+    auc["macro"] = float(np.mean(defined)) if defined else float("nan")
+    confidence, correct = p.max(1), (p.argmax(1) == y).astype(float)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    counts = [int((bins == b).sum()) for b in range(n_bins)]
+    return {"roc_auc": auc,
+            "brier": float(((p - onehot) ** 2).sum(1).mean()),
+            "ece": ece(p, y, n_bins),
+            "reliability": {"n_bins": n_bins, "counts": counts,
+                            "accuracy": [float(correct[bins == b].mean()) if counts[b] else float("nan")
+                                         for b in range(n_bins)],
+                            "confidence": [float(confidence[bins == b].mean()) if counts[b] else float("nan")
+                                           for b in range(n_bins)]}}

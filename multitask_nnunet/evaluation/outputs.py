@@ -40,3 +40,29 @@ def save_confusion_matrix_png(results: dict, path: str) -> None:
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
+
+
+def save_reliability_png(results: dict, path: str) -> None:
+    """Reliability diagram: accuracy per confidence bin (bars) against the diagonal of perfect calibration."""
+    reliability = results["reliability"]
+    n = reliability["n_bins"]
+    edges = np.linspace(0, 1, n + 1)
+    accuracy = np.array([np.nan if a is None else a for a in reliability["accuracy"]], dtype=float)
+    confidence = np.array([np.nan if c is None else c for c in reliability["confidence"]], dtype=float)
+    fig = Figure(figsize=(4.8, 4.8))
+    ax = fig.subplots()
+    filled = ~np.isnan(accuracy)
+    ax.bar(edges[:-1][filled], accuracy[filled], width=1 / n, align="edge", edgecolor="black", alpha=0.7,
+           label="accuracy")
+    ax.plot(confidence[filled], accuracy[filled], "o", color="C3", markersize=4,
+            label="bin (mean confidence, accuracy)")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"ECE {format_number(results['ece'])} ({n} bins), Brier {format_number(results['brier'])}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)

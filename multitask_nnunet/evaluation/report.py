@@ -36,6 +36,17 @@ def format_table(results: dict) -> str:
         lines.append(f"  {row['name']:<{width}} {format_number(row['precision']):>9} {format_number(row['recall']):>9} "
                      f"{format_number(row['f1']):>9} {row['support']:>8}")
 
+    if results.get("roc_auc"):
+        auc = results["roc_auc"]
+        lines += ["", "Class probabilities (class_probabilities.csv)",
+                  f"  {'ROC-AUC macro':<20} {format_number(auc['macro']):>9}  (one-vs-rest: " +
+                  ", ".join(f"{n} {format_number(auc[n])}" for n in results["class_names"]) + ")",
+                  f"  {'Brier score':<20} {format_number(results['brier']):>9}  "
+                  f"(mean over cases of sum_k (p_k - y_k)^2)",
+                  f"  {'ECE':<20} {format_number(results['ece']):>9}  ({results['reliability']['n_bins']} equal-width "
+                  f"bins on the max probability)"]
+    elif results.get("probability_metrics_note"):
+        lines += ["", results["probability_metrics_note"]]
     lines += ["", "Confusion matrix (rows: true class, columns: predicted class)",
               "  " + " " * width + "".join(f" {n:>{width}}" for n in results["class_names"])]
     for name, counts in zip(results["class_names"], results["confusion_matrix"]):
