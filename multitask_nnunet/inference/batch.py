@@ -12,10 +12,9 @@ folder needs:
 - pipeline threads: background threads read and preprocess the next cases (``CasePredictor.prepare``) and
   write finished masks while the main thread runs the network and the export (``CasePredictor.finish``);
 - resumable: a case whose mask (and every extra output asked for) exists and whose row is in the CSVs is
-  skipped unless ``--overwrite``. Masks
-  and CSVs are written atomically, the CSVs after every finished case and merged with the rows already on
-  disk (class_rows.py), so a crash loses no finished case; the temporary files of a killed run are removed by
-  the next (atomic.py);
+  skipped unless ``--overwrite``. Masks, maps and CSVs are written atomically, the CSVs after every finished
+  case and merged with the rows already on disk (class_rows.py), so a crash loses no finished case; the
+  temporary files of a killed run are removed by the next (atomic.py);
 - sharding: ``--num-parts N --part-id I`` predicts every N-th case of the sorted input, as nnU-Net does.
   Parts may share OUT_DIR: each keeps its rows in ``OUT_DIR/parts/part_I/``; the part that finds every case
   of the input done writes the merged CSVs. Any later run into OUT_DIR (e.g. without ``--num-parts``; it
