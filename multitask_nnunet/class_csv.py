@@ -4,7 +4,10 @@
   the case name plus the file ending (``quiz_037.nii.gz``), Subtype the predicted class index. ``predict`` and
   final validation write it.
 - ``class_probabilities.csv`` (``PROBABILITIES_CSV``): the same two columns, optionally ``True`` (validation),
-  then one ``prob_<class name>`` column per class (``PROBABILITY_PREFIX``).
+  then one ``prob_<class name>`` column per class (``PROBABILITY_PREFIX``), then ``entropy`` (nats) and
+  ``confidence`` (the maximum probability) of those probabilities (multitask_nnunet.calibration), then any extra
+  per-case columns a run adds (``mutual_information`` with ``predict --mc-dropout``). Only ``prob_`` columns
+  are probabilities.
 - ``classes.csv`` (``GROUND_TRUTH_CSV``): ground-truth classes in the ``Names,Subtype`` format, beside the masks of
   a flat ground-truth folder (``make-synthetic`` writes its test labels so; ``evaluate`` reads them).
 
@@ -27,6 +30,8 @@ GROUND_TRUTH_CSV = "classes.csv"
 HEADER = ["Names", "Subtype"]
 TRUE_COLUMN = "True"
 PROBABILITY_PREFIX = "prob_"
+UNCERTAINTY_COLUMNS = ("entropy", "confidence")
+_FIXED_COLUMNS = {*HEADER, TRUE_COLUMN, *UNCERTAINTY_COLUMNS}
 
 
 def _csv_text(header: List[str], rows: List[list]) -> str:
@@ -44,15 +49,25 @@ def write_case_classes(path: str, classes: Dict[str, int]) -> None:
 
 
 def write_class_csvs(folder: str, probabilities: Dict[str, np.ndarray], class_names: List[str],
-                     true_labels: Optional[Dict[str, int]] = None) -> None:
+                     true_labels: Optional[Dict[str, int]] = None,
+                     extra_columns: Optional[Dict[str, Dict[str, float]]] = None) -> None:
     """Write both prediction CSVs for ``{Names: probabilities}``, sorted by name; ``true_labels`` adds a ``True``
-    column to the probabilities file (used for validation)."""
+    column to the probabilities file (used for validation); ``extra_columns`` ``{name: {column: value}}`` adds
+    those columns after ``confidence`` (empty where a case has none)."""
+    from multitask_nnunet.calibration import class_uncertainty
+    extra_columns = extra_columns or {}
+    extras = sorted({c for n in probabilities for c in extra_columns.get(n, {})})
     names = sorted(probabilities)
     write_case_classes(f"{folder}/{RESULTS_CSV}", {n: int(np.argmax(probabilities[n])) for n in names})
     header = HEADER + ([TRUE_COLUMN] if true_labels is not None else []) + \
-        [f"{PROBABILITY_PREFIX}{c}" for c in class_names]
-    rows = [[n, int(np.argmax(probabilities[n]))] + ([true_labels[n]] if true_labels is not None else []) +
-            [f"{float(p):.6f}" for p in probabilities[n]] for n in names]
+        [f"{PROBABILITY_PREFIX}{c}" for c in class_names] + list(UNCERTAINTY_COLUMNS) + extras
+    rows = []
+    for n in names:
+        uncertainty = class_uncertainty(probabilities[n])
+        rows.append([n, int(np.argmax(probabilities[n]))] + ([true_labels[n]] if true_labels is not None else []) +
+                    [f"{float(p):.6f}" for p in probabilities[n]] +
+                    [f"{uncertainty[c]:.6f}" for c in UNCERTAINTY_COLUMNS] +
+                    [_number(extra_columns.get(n, {}).get(c)) for c in extras])
     atomic_write_text(f"{folder}/{PROBABILITIES_CSV}", _csv_text(header, rows))
 
 
@@ -92,6 +107,19 @@ def read_probabilities_csv(path: str) -> Dict[str, np.ndarray]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     return {r["Names"]: np.array([float(v) for k, v in r.items() if k.startswith(PROBABILITY_PREFIX)]) for r in rows}
+
+
+def read_extra_columns(path: str) -> Dict[str, Dict[str, float]]:
+    """``{Names: {column: value}}`` of the extra columns (not probabilities, entropy or confidence, which follow
+    from the probabilities) of a class_probabilities.csv; empty cells are left out."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    return {r["Names"]: {k: float(v) for k, v in r.items() if k not in _FIXED_COLUMNS and
+                         not k.startswith(PROBABILITY_PREFIX) and v not in ("", None)} for r in rows}
+
+
+def _number(value: Optional[float]) -> str:
+    return "" if value is None else f"{float(value):.6f}"
 
 
 def probability_class_names(path: str) -> Optional[List[str]]:

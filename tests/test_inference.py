@@ -37,7 +37,8 @@ def read_csv(path) -> list:
 
 def probabilities(folder) -> dict:
     rows = read_csv(folder / "class_probabilities.csv")
-    return {r[0]: np.array([float(v) for v in r[2:]]) for r in rows[1:]}
+    columns = [i for i, name in enumerate(rows[0]) if name.startswith("prob_")]
+    return {r[0]: np.array([float(r[i]) for i in columns]) for r in rows[1:]}
 
 
 def mtimes(folder) -> dict:
@@ -366,7 +367,7 @@ def test_one_case_api_matches_the_batch_command(trained, test_prediction, case_p
     checkpoint = torch.load(trained.fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert case_predictor.class_names == checkpoint["classification_head"]["class_names"]
     assert read_csv(test_prediction / "class_probabilities.csv")[0][2:] == \
-        [f"prob_{c}" for c in case_predictor.class_names]
+        [f"prob_{c}" for c in case_predictor.class_names] + ["entropy", "confidence"]
     classes = {r[0]: int(r[1]) for r in read_csv(test_prediction / "subtype_results.csv")[1:]}
     probs = probabilities(test_prediction)
     for image_path in sorted((trained.source / "test").glob("*_0000.nii.gz")):

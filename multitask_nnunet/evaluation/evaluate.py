@@ -2,7 +2,9 @@
 
 Segmentation: Dice per case and region (regions: see ``regions.py``), mean per region. Classification:
 macro-F1, accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix (rows: true
-class, columns: predicted class). 95% confidence intervals by percentile bootstrap over cases for the mean
+class, columns: predicted class); from ``class_probabilities.csv``, when the prediction folder has it: ROC-AUC
+one-vs-rest per class and macro, the Brier score, ECE and a reliability diagram (definitions: metrics.py,
+``probability_metrics``). 95% confidence intervals by percentile bootstrap over cases for the mean
 Dice of each region, macro-F1 and accuracy.
 
 Every input is checked (files present, CSVs, class indices, voxel grids) before any voxel is read, so bad
@@ -20,7 +22,8 @@ import numpy as np
 
 from typing import Dict, Iterable
 
-from multitask_nnunet.class_csv import PROBABILITIES_CSV, RESULTS_CSV, probability_class_names, read_case_classes
+from multitask_nnunet.class_csv import (PROBABILITIES_CSV, RESULTS_CSV, probability_class_names, read_case_classes,
+                                        read_probabilities_csv, strip_ending)
 from multitask_nnunet.errors import InputError, warn
 from multitask_nnunet.evaluation.ground_truth import GroundTruth, read_ground_truth
 from multitask_nnunet.evaluation.regions import default_regions
@@ -30,6 +33,7 @@ from multitask_nnunet.nifti import check_same_grid, read_label_map
 __all__ = ["evaluate", "format_table", "add_parser"]
 
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
+RELIABILITY_PNG = "reliability_diagram.png"
 
 
 def evaluate(pred_dir, gt, dataset_json: Optional[str] = None, json_file: Optional[str] = None,
@@ -61,7 +65,14 @@ def evaluate(pred_dir, gt, dataset_json: Optional[str] = None, json_file: Option
         ci95 = {"dice": {n: ci["dice"][j] for j, n in enumerate(names)},
                 "macro_f1": ci["macro_f1"], "accuracy": ci["accuracy"]}
 
-    png = os.path.join(os.path.dirname(os.path.abspath(json_file)) if json_file else pred_dir, CONFUSION_MATRIX_PNG)
+    plots = os.path.dirname(os.path.abspath(json_file)) if json_file else pred_dir
+    png = os.path.join(plots, CONFUSION_MATRIX_PNG)
+    probabilities, note = _case_probabilities(pred_dir, cases, len(class_names), truth.file_ending)
+    if probabilities is not None:
+        scores = metrics.probability_metrics(y_true, probabilities, class_names)
+        scores["reliability_diagram_png"] = os.path.join(plots, RELIABILITY_PNG)
+    else:
+        scores = {"roc_auc": None, "brier": None, "ece": None, "reliability": None, "reliability_diagram_png": None}
     results = report.json_ready({
         "dice": {n: segmentation[n]["mean_dice"] for n in names},
         **{k: classification[k] for k in ("macro_f1", "accuracy", "balanced_accuracy", "confusion_matrix")},
@@ -81,11 +92,33 @@ def evaluate(pred_dir, gt, dataset_json: Optional[str] = None, json_file: Option
         "predictions": pred_dir,
         "cases_without_prediction": missing,
         "confusion_matrix_png": png,
+        **scores,
+        "probability_metrics_note": note,
     })
     report.save_confusion_matrix_png(results, png)
+    if results["reliability_diagram_png"]:
+        report.save_reliability_png(results, results["reliability_diagram_png"])
     if json_file:
         report.write_json(results, json_file)
     return results
+
+
+def _case_probabilities(pred_dir: str, cases, num_classes: int, file_ending: str):
+    """(cases x K probabilities from ``class_probabilities.csv``, None) or (None, why the probability metrics are
+    left out)."""
+    path = os.path.join(pred_dir, PROBABILITIES_CSV)
+    if not os.path.isfile(path):
+        return None, f"no {PROBABILITIES_CSV} in {pred_dir}: ROC-AUC, Brier score, ECE and the reliability diagram " \
+                     f"are left out"
+    rows = {strip_ending(name, file_ending): p for name, p in read_probabilities_csv(path).items()}
+    missing = [c for c in cases if c not in rows]
+    if missing:
+        return None, f"{path}: no row for case '{missing[0]}' ({len(missing)} missing): probability metrics left out"
+    wrong = [c for c in cases if len(rows[c]) != num_classes]
+    if wrong:
+        return None, (f"{path}: case '{wrong[0]}' has {len(rows[wrong[0]])} probabilities, expected {num_classes}: "
+                      f"probability metrics left out")
+    return np.stack([rows[c] for c in cases]), None
 
 
 def _checked_inputs(pred_dir: str, truth: GroundTruth, gt: str, only_predicted: bool):
@@ -165,6 +198,10 @@ def _run(args) -> int:
     print(format_table(results))
     where = "beside the --json file" if args.json else "into the prediction folder (--json FILE puts it beside FILE)"
     print(f"\nconfusion matrix plot written {where}: {results['confusion_matrix_png']}")
+    if results["reliability_diagram_png"]:
+        print(f"reliability diagram written {where}: {results['reliability_diagram_png']}")
+    else:
+        print(results["probability_metrics_note"])
     if args.json:
         print(f"results: {args.json}")
     return 0

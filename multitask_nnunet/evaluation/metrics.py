@@ -88,3 +88,38 @@ def mean_probabilities_per_case(keys: Iterable[str], probabilities: Iterable[Ite
     for key, p in zip(keys, probabilities):
         grouped[key].append(np.asarray(p, dtype=np.float64))
     return {k: np.mean(v, axis=0) for k, v in grouped.items()}
+
+
+def probability_metrics(y_true: np.ndarray, probabilities: np.ndarray, class_names: List[str],
+                        n_bins: Optional[int] = None) -> dict:
+    """Metrics of the class probabilities (N, K):
+
+    - ROC-AUC one-vs-rest per class (``roc_auc.per_class``: scikit-learn's ``roc_auc_score`` of ``y == k``
+      against ``p_k``; NaN for a class that is absent or alone in the truth) and ``roc_auc.macro``, their mean
+      over the defined classes;
+    - Brier score, multi-class: mean over cases of sum_k (p_k - [y == k])^2 (0 best, 2 worst);
+    - ECE: 15 equal-width bins on the max probability (multitask_nnunet.calibration.ece), and the bins
+      (cases, accuracy, mean confidence) for the reliability diagram."""
+    from sklearn.metrics import roc_auc_score
+    from multitask_nnunet.calibration import ECE_BINS, ece
+    n_bins = n_bins or ECE_BINS
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(y_true, dtype=int)
+    onehot = np.eye(len(class_names))[y]
+    per_class = {}
+    for k, name in enumerate(class_names):
+        positive = y == k
+        per_class[name] = float(roc_auc_score(positive, p[:, k])) if 0 < positive.sum() < len(y) else float("nan")
+    defined = [v for v in per_class.values() if not np.isnan(v)]
+    auc = {"macro": float(np.mean(defined)) if defined else float("nan"), "per_class": per_class}
+    confidence, correct = p.max(1), (p.argmax(1) == y).astype(float)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    counts = [int((bins == b).sum()) for b in range(n_bins)]
+    return {"roc_auc": auc,
+            "brier": float(((p - onehot) ** 2).sum(1).mean()),
+            "ece": ece(p, y, n_bins),
+            "reliability": {"n_bins": n_bins, "counts": counts,
+                            "accuracy": [float(correct[bins == b].mean()) if counts[b] else float("nan")
+                                         for b in range(n_bins)],
+                            "confidence": [float(confidence[bins == b].mean()) if counts[b] else float("nan")
+                                           for b in range(n_bins)]}}

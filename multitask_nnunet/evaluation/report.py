@@ -1,5 +1,6 @@
-"""The results' three forms: a table for the terminal, the JSON and the confusion-matrix PNG (both written
-atomically). Importing it is cheap: matplotlib and scikit-learn are imported only to draw the PNG."""
+"""The results' four forms: a table for the terminal, the JSON, the confusion-matrix PNG and the reliability
+diagram PNG (the files written atomically). Importing it is cheap: matplotlib and scikit-learn are imported only
+to draw the PNGs."""
 import json
 import math
 
@@ -44,6 +45,17 @@ def format_table(results: dict) -> str:
         lines.append(f"  {row['name']:<{width}} {format_number(row['precision']):>9} {format_number(row['recall']):>9} "
                      f"{format_number(row['f1']):>9} {row['support']:>8}")
 
+    if results.get("roc_auc"):
+        auc = results["roc_auc"]
+        lines += ["", "Class probabilities (class_probabilities.csv)",
+                  f"  {'ROC-AUC macro':<20} {format_number(auc['macro']):>9}  (one-vs-rest: " +
+                  ", ".join(f"{n} {format_number(auc['per_class'][n])}" for n in results["class_names"]) + ")",
+                  f"  {'Brier score':<20} {format_number(results['brier']):>9}  "
+                  f"(mean over cases of sum_k (p_k - y_k)^2)",
+                  f"  {'ECE':<20} {format_number(results['ece']):>9}  ({results['reliability']['n_bins']} equal-width "
+                  f"bins on the max probability)"]
+    elif results.get("probability_metrics_note"):
+        lines += ["", results["probability_metrics_note"]]
     lines += ["", "Confusion matrix (rows: true class, columns: predicted class)",
               "  " + " " * width + "".join(f" {n:>{width}}" for n in results["class_names"])]
     for name, counts in zip(results["class_names"], results["confusion_matrix"]):
@@ -81,6 +93,34 @@ def save_confusion_matrix_png(results: dict, path: str) -> None:
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"macro-F1 {format_number(results['macro_f1'])}, accuracy {format_number(results['accuracy'])}")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def save_reliability_png(results: dict, path: str) -> None:
+    """Reliability diagram: accuracy per confidence bin (bars) against the diagonal of perfect calibration."""
+    from matplotlib.figure import Figure
+
+    reliability = results["reliability"]
+    n = reliability["n_bins"]
+    edges = np.linspace(0, 1, n + 1)
+    accuracy = np.array([np.nan if a is None else a for a in reliability["accuracy"]], dtype=float)
+    confidence = np.array([np.nan if c is None else c for c in reliability["confidence"]], dtype=float)
+    fig = Figure(figsize=(4.8, 4.8))
+    ax = fig.subplots()
+    filled = ~np.isnan(accuracy)
+    ax.bar(edges[:-1][filled], accuracy[filled], width=1 / n, align="edge", edgecolor="black", alpha=0.7,
+           label="accuracy")
+    ax.plot(confidence[filled], accuracy[filled], "o", color="C3", markersize=4,
+            label="bin (mean confidence, accuracy)")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"ECE {format_number(results['ece'])} ({n} bins), Brier {format_number(results['brier'])}")
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -1,17 +1,20 @@
 """``multitask-nnunet predict``: segment and classify every case of a folder with one trained model.
 
 Writes ``OUT_DIR/<case><ending>`` (label map in the input image's geometry, nnU-Net's export) and one row per
-case in ``OUT_DIR/subtype_results.csv`` (``Names,Subtype``) and ``class_probabilities.csv``.
+case in ``OUT_DIR/subtype_results.csv`` (``Names,Subtype``) and ``class_probabilities.csv`` (probabilities,
+entropy, confidence; ``mutual_information`` with ``--mc-dropout``). ``--saliency`` adds
+``<case>_saliency<ending>``, ``<case>_pooling<ending>`` (guided head), ``<case>_saliency.png`` and
+``OUT_DIR/index.html``; ``--seg-uncertainty`` adds ``<case>_seg_uncertainty<ending>`` (cases.py names them).
 
 Each case goes through the one-case predictor (case_predictor.py, loaded once); this module adds only what a
 folder needs:
 
 - pipeline threads: background threads read and preprocess the next cases (``CasePredictor.prepare``) and
   write finished masks while the main thread runs the network and the export (``CasePredictor.finish``);
-- resumable: a case whose mask exists and whose row is in the CSVs is skipped unless ``--overwrite``. Masks
-  and CSVs are written atomically, the CSVs after every finished case and merged with the rows already on
-  disk (class_rows.py), so a crash loses no finished case; the temporary files of a killed run are removed by
-  the next (atomic.py);
+- resumable: a case whose mask (and every extra output asked for) exists and whose row is in the CSVs is
+  skipped unless ``--overwrite``. Masks, maps and CSVs are written atomically, the CSVs after every finished
+  case and merged with the rows already on disk (class_rows.py), so a crash loses no finished case; the
+  temporary files of a killed run are removed by the next (atomic.py);
 - sharding: ``--num-parts N --part-id I`` predicts every N-th case of the sorted input, as nnU-Net does.
   Parts may share OUT_DIR: each keeps its rows in ``OUT_DIR/parts/part_I/``; the part that finds every case
   of the input done writes the merged CSVs. Any later run into OUT_DIR (e.g. without ``--num-parts``; it
@@ -41,9 +44,10 @@ from tqdm import tqdm
 from multitask_nnunet.atomic import remove_leftover_temporaries
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.inference.cases import InputCase, is_done, list_cases, part_of
-from multitask_nnunet.inference.class_rows import PARTS_FOLDER, ClassRows, known_rows
+from multitask_nnunet.inference.class_rows import PARTS_FOLDER, ClassRows, known_extra_columns, known_rows
 from multitask_nnunet.inference.model_folder import DEFAULT_PLANS, DEFAULT_TRAINER, resolve_model_folder
-from multitask_nnunet.inference.options import DEFAULT_CHECKPOINT, DEFAULT_WORKERS, BatchOptions, PredictorOptions
+from multitask_nnunet.inference.options import (DEFAULT_CHECKPOINT, DEFAULT_SALIENCY_STAGE, DEFAULT_WORKERS,
+                                                BatchOptions, PredictorOptions)
 from multitask_nnunet.inference.timing import (EXPORT, MODEL_LOAD, NETWORK, PREPROCESS, READ, STARTUP, WRITE,
                                                Breakdown, overlap, process_start)
 
@@ -80,10 +84,12 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
     if report.failed and not options.continue_on_error:
         raise InputError(report.failed[min(report.failed)])
 
+    if options.predictor.mc_dropout < 0:
+        raise InputError(f"--mc-dropout {options.predictor.mc_dropout}: need 0 (off) or a number of passes")
     os.makedirs(output_dir, exist_ok=True)
     _remove_leftovers(output_dir)
-    rows_on_disk = known_rows(output_dir)
-    todo = cases if options.overwrite else [c for c in cases if not is_done(c, output_dir, rows_on_disk)]
+    done = _done_check(output_dir, options)
+    todo = cases if options.overwrite else [c for c in cases if not done(c)]
     report.skipped = [c.name for c in cases if c not in todo]
     shard = f" (part {options.part_id} of {options.num_parts})" if options.num_parts > 1 else ""
     print(f"{len(cases)} case(s){shard}: {len(todo)} to predict, {len(report.skipped)} already done and skipped"
@@ -103,7 +109,7 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
     else:
         breakdown.mark(STARTUP, breakdown.start)
     with breakdown.stage(WRITE):
-        _merge(all_cases, output_dir, rows, report, options.num_parts)
+        _merge(all_cases, output_dir, rows, report, options)
     report.seconds = breakdown.finish()
     report.timing = breakdown.summary()
     if report.predicted:
@@ -128,11 +134,24 @@ def _remove_leftovers(output_dir: str) -> None:
               f"{', '.join(removed)}")
 
 
-def _merge(all_cases: List[InputCase], output_dir: str, rows: ClassRows, report: PredictionReport, num_parts: int):
-    on_disk = known_rows(output_dir)
-    missing = [c.name for c in all_cases if not is_done(c, output_dir, on_disk)]
+def _done_check(output_dir: str, options: BatchOptions):
+    """``done(case)``: every output this run asks for exists (cases.is_done), from what is on disk now."""
+    rows_on_disk, columns_on_disk = known_rows(output_dir), known_extra_columns(output_dir)
+    p = options.predictor
+    required = ["mutual_information"] if p.mc_dropout > 0 else []
+    return lambda case: is_done(case, output_dir, rows_on_disk, case.extra_output_names(p.saliency, p.seg_uncertainty),
+                                columns_on_disk, required)
+
+
+def _merge(all_cases: List[InputCase], output_dir: str, rows: ClassRows, report: PredictionReport, options: BatchOptions):
+    num_parts = options.num_parts
+    done = _done_check(output_dir, options)
+    missing = [c.name for c in all_cases if not done(c)]
     if num_parts == 1 or not missing:
         rows.write_merged()
+    if options.predictor.saliency:
+        from multitask_nnunet.inference.figures import write_index
+        write_index(output_dir)
     report.merged = not missing
     if num_parts > 1:
         print("every case of the input is done: wrote the merged CSVs" if not missing else
@@ -143,7 +162,7 @@ def _merge(all_cases: List[InputCase], output_dir: str, rows: ClassRows, report:
 def _predict_cases(todo: List[InputCase], output_dir: str, model_dir: str, rows: ClassRows, report: PredictionReport,
                    options: BatchOptions, breakdown: Breakdown, loaded: list):
     # imported only now: torch and nnU-Net's predictor take seconds, which input errors should not wait for
-    from multitask_nnunet.inference.case_predictor import CasePredictor
+    from multitask_nnunet.inference.case_predictor import MC_DROPOUT, SALIENCY, CasePredictor
 
     breakdown.mark(STARTUP, breakdown.start)
     with breakdown.stage(MODEL_LOAD):
@@ -156,9 +175,19 @@ def _predict_cases(todo: List[InputCase], output_dir: str, model_dir: str, rows:
             while len(reading) <= workers and (case := next(upcoming, None)) is not None:
                 reading.append((case, readers.submit(predictor.prepare, case.files, None, case.name)))
 
-        def write(result, path) -> float:
+        def write(case: InputCase, result) -> float:
+            """The case's extra outputs first, the mask last (a rerun checks them all, cases.is_done)."""
             t0 = time.perf_counter()
-            predictor.write_mask(result, path)
+            path = lambda name: os.path.join(output_dir, name)  # noqa: E731
+            extra = case.extra_output_names(options.predictor.saliency, options.predictor.seg_uncertainty)
+            if options.predictor.saliency:
+                if result.pooling_weights is not None:
+                    predictor.write_pooling_weights(result, path(case.pooling_name))
+                predictor.write_saliency(result, path(extra[0]))
+                predictor.write_figure(result, case.files, path(extra[1]))
+            if options.predictor.seg_uncertainty:
+                predictor.write_seg_uncertainty(result, path(extra[-1]))
+            predictor.write_mask(result, path(case.output_name))
             return time.perf_counter() - t0
 
         def failed(case: InputCase, error: InputError) -> None:
@@ -193,10 +222,10 @@ def _predict_cases(todo: List[InputCase], output_dir: str, model_dir: str, rows:
                         continue
                     finally:
                         del prepared  # the preprocessed volume: free it before the next case
-                    for stage in (NETWORK, EXPORT):
-                        breakdown.ran(stage, result.timings[stage])
-                    writing.append((case, result, writer.submit(write, result,
-                                                                os.path.join(output_dir, case.output_name))))
+                    # saliency's and MC dropout's passes count as network time (timings per case: --profile)
+                    breakdown.ran(NETWORK, sum(result.timings.get(s, 0.0) for s in (NETWORK, SALIENCY, MC_DROPOUT)))
+                    breakdown.ran(EXPORT, result.timings[EXPORT])
+                    writing.append((case, result, writer.submit(write, case, result)))
                     with breakdown.stage(WRITE):
                         _collect_writes(writing, rows, report, breakdown, wait=False)
                     bar.update()
@@ -234,12 +263,14 @@ def _collect_writes(writing: Deque, rows: ClassRows, report: PredictionReport, b
         case, result, future = writing.popleft()
         write_seconds = future.result()
         breakdown.worked(WRITE, write_seconds)
-        rows.add(case.output_name, result.probabilities)
+        extra = {k: v for k, v in result.uncertainty.items() if k == "mutual_information"}
+        rows.add(case.output_name, result.probabilities, extra)
         report.predicted.append(case.name)
         breakdown.add_case({"name": case.name, "path": result.path, "fallback": result.fallback,
                             "class_index": result.class_index, "class_name": result.class_name,
                             "shape": list(result.shape), "preprocessed_shape": list(result.preprocessed_shape),
                             **{f"{stage}_s": round(seconds, 4) for stage, seconds in result.timings.items()},
+                            "uncertainty": {k: round(v, 6) for k, v in result.uncertainty.items()},
                             "write_s": round(write_seconds, 4)})
 
 
@@ -248,7 +279,8 @@ def add_parser(subparsers) -> None:
         "predict", help="segment and classify every case of a folder (masks + subtype_results.csv)",
         description="Predict every case of TEST_DIR (nnU-Net channel naming <case>_XXXX.nii.gz) into OUT_DIR: "
                     "<case>.nii.gz label maps in the input geometry, subtype_results.csv (Names,Subtype) and "
-                    "class_probabilities.csv. Finished cases are skipped on a rerun (--overwrite redoes them); "
+                    "class_probabilities.csv (+ saliency maps, PNGs and index.html with --saliency). Finished cases "
+                    "are skipped on a rerun (--overwrite redoes them); "
                     "with --num-parts each part keeps its rows in OUT_DIR/parts/part_I/ and the part that finds "
                     "every case done writes the merged CSVs (any later run into OUT_DIR merges too).")
     p.add_argument("-i", required=True, metavar="TEST_DIR", help="input images")
@@ -273,6 +305,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device-preprocessing", action=argparse.BooleanOptionalAction, default=None,
                    help="normalise and resample each case on the prediction device with torch, matching nnU-Net's "
                         "CPU preprocessing to float32 rounding (default: on with CUDA, off on CPU)")
+    p.add_argument("--saliency", action="store_true",
+                   help="per case: <case>_saliency.nii.gz (Grad-CAM of the predicted class, input geometry), "
+                        "<case>_pooling.nii.gz (the guided head's pooling weights) and <case>_saliency.png; "
+                        "OUT_DIR/index.html shows all PNGs. Costs a forward and backward pass per fold and case")
+    p.add_argument("--saliency-stage", type=int, default=DEFAULT_SALIENCY_STAGE, metavar="S",
+                   help=f"encoder stage for Grad-CAM (0 = highest resolution, negative from the end; default "
+                        f"{DEFAULT_SALIENCY_STAGE})")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="do not apply the folds' temperature scaling (fold_X/calibration.json, fitted in final "
+                        "validation; models without it are never calibrated)")
+    p.add_argument("--mc-dropout", type=int, default=0, metavar="N",
+                   help="N extra passes with the classification head's dropout on: adds mutual_information to "
+                        "class_probabilities.csv (default 0: off)")
+    p.add_argument("--seg-uncertainty", action="store_true",
+                   help="per case: <case>_seg_uncertainty.nii.gz, the per-voxel segmentation entropy in [0, 1]")
     p.add_argument("--overwrite", action="store_true", help="predict cases that are already done again")
     p.add_argument("--num-parts", type=int, default=1, metavar="N", help="split the cases into N parts ...")
     p.add_argument("--part-id", type=int, default=0, metavar="I", help="... and predict part I (0 <= I < N)")
@@ -289,7 +336,9 @@ def _run(args) -> int:
     breakdown = Breakdown(process_start())  # start-up counts from the process start: interpreter and imports
     model_dir = resolve_model_folder(args.m, args.d, args.c, args.tr, args.p)
     options = BatchOptions(PredictorOptions(args.f, args.chk, args.device, args.tta, args.mode, args.max_whole_voxels,
-                                            args.device_preprocessing),
+                                            args.device_preprocessing, saliency=args.saliency,
+                                            saliency_stage=args.saliency_stage, calibration=not args.no_calibration,
+                                            mc_dropout=args.mc_dropout, seg_uncertainty=args.seg_uncertainty),
                            args.overwrite, args.num_parts, args.part_id, args.continue_on_error, args.workers,
                            profile=args.profile)
     report = predict_folder(args.i, args.o, model_dir, options, breakdown)

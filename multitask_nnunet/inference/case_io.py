@@ -134,6 +134,32 @@ class CaseIO:
             self.plans_manager.image_reader_writer_class().write_seg(segmentation, tmp, properties)
 
 
+    def write_map(self, values: np.ndarray, properties: dict, path: str) -> None:
+        """A float32 map in the input's array shape (saliency, uncertainty) with the input's geometry, atomically.
+        The plans' writers cast to integer labels, so this writes the float image itself with the geometry they
+        keep: SimpleITK's ``sitk_stuff`` (spacing, origin, direction) or nibabel's ``nibabel_stuff`` (affine)."""
+        values = np.asarray(values, dtype=np.float32)
+        with atomic_path(path, suffix=self.dataset_json["file_ending"]) as tmp:
+            if "sitk_stuff" in properties:
+                import SimpleITK as sitk
+                geometry = properties["sitk_stuff"]
+                image = sitk.GetImageFromArray(values[0] if len(geometry["spacing"]) == 2 else values)
+                image.SetSpacing(geometry["spacing"])
+                image.SetOrigin(geometry["origin"])
+                image.SetDirection(geometry["direction"])
+                sitk.WriteImage(image, tmp, True)
+            elif "nibabel_stuff" in properties:  # NibabelIO's axis order (its write_seg, nnunetv2 2.8.1)
+                nibabel.save(nibabel.Nifti1Image(values.transpose((2, 1, 0)),
+                                                 affine=properties["nibabel_stuff"]["original_affine"]), tmp)
+            else:
+                raise InputError(f"{path}: maps are written for SimpleITK or nibabel readers only (this model's "
+                                 f"reader: {self.plans_manager.image_reader_writer_class.__name__})")
+
+    def read_image(self, files: Sequence[str]) -> Tuple[np.ndarray, dict]:
+        """The image as the plans' reader returns it (for figures), without the checks of ``read``."""
+        return self.plans_manager.image_reader_writer_class().read_images(list(files))
+
+
 _NOT_FINITE = "{}: image contains NaN or infinite values"
 
 

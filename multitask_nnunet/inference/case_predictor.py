@@ -14,6 +14,15 @@ background threads and ``finish`` (network + export) in the main thread, so both
 classes. ``prepare`` needs only the plans: with ``load_network=False`` the network is loaded later by
 ``load_network()``, so that a batch run preprocesses its first cases while the network is being built.
 
+Trust and explanation (issue 11): ``finish`` applies each fold's temperature (``fold_X/calibration.json``,
+multitask_nnunet.calibration) to that fold's class probabilities before the fold average, unless
+``options.calibration`` is off or a fold has none; ``result.uncertainty`` holds the entropy and confidence of
+the result's probabilities (and the MC-dropout mutual information with ``options.mc_dropout``). With
+``options.saliency`` a separate pass with gradients (saliency.py) gives ``result.saliency`` (Grad-CAM) and
+``result.pooling_weights`` (guided head), with ``options.seg_uncertainty`` ``result.seg_uncertainty``, all in the
+input's geometry (export.py), written by ``write_saliency`` etc. With all of them off, ``finish`` runs exactly
+the inference-mode path it ran before.
+
 Class names come from one place, the checkpoint's head (``checkpoint["classification_head"]["class_names"]``).
 """
 import os
@@ -26,14 +35,18 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from multitask_nnunet.calibration import apply_temperature, class_uncertainty, mutual_information, read_temperature
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.inference.case_io import CaseIO
 from multitask_nnunet.inference.device_preprocessing import to_device
-from multitask_nnunet.inference.export import export_configuration, segmentation_in_input_geometry
+from multitask_nnunet.inference.export import (export_configuration, map_in_input_geometry,
+                                               segmentation_in_input_geometry)
 from multitask_nnunet.inference.model_folder import resolve_folds, resolve_model_folder
 from multitask_nnunet.inference.options import PredictorOptions
 from multitask_nnunet.inference.predictor import MultitaskPredictor, NonFiniteOutputError, load_multitask_checkpoint
 from multitask_nnunet.inference.timing import EXPORT, NETWORK, PREPROCESS, READ
+
+SALIENCY, MC_DROPOUT = "saliency", "mc_dropout"  # the extra timings of --saliency and --mc-dropout
 
 Images = Union[str, Sequence[str], np.ndarray]
 
@@ -63,7 +76,12 @@ class CaseResult:
     properties: dict                     # the input's geometry, for write_mask
     shape: Tuple[int, ...]               # the input's spatial shape
     preprocessed_shape: Tuple[int, ...]  # the network's input shape (spatial)
-    timings: Dict[str, float]            # read, preprocess, network, export (s)
+    timings: Dict[str, float]            # read, preprocess, network, export (s); + saliency, mc_dropout if on
+    # explain and trust the class (issue 11): entropy and confidence always, mutual_information with MC dropout
+    uncertainty: Dict[str, float] = field(default_factory=dict)
+    saliency: Optional[np.ndarray] = None         # Grad-CAM in [0, 1], float32, like ``segmentation`` (--saliency)
+    pooling_weights: Optional[np.ndarray] = None  # SegGuidedHead's pooling weights in [0, 1], same (--saliency)
+    seg_uncertainty: Optional[np.ndarray] = None  # per-voxel segmentation entropy in [0, 1], same
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -98,6 +116,8 @@ class CasePredictor:
     def __init__(self, model_dir, options: PredictorOptions = PredictorOptions(), load_network: bool = True):
         self.model_dir = resolve_model_folder(model_dir)
         self.options = options
+        if options.mc_dropout < 0:
+            raise InputError(f"--mc-dropout {options.mc_dropout}: need 0 (off) or a number of passes")
         self.device = resolve_device(options.device)
         kwargs = {} if options.max_whole_voxels is None else {"max_whole_volume_voxels": options.max_whole_voxels}
         self.predictor = MultitaskPredictor(tile_step_size=0.5, use_mirroring=options.tta, device=self.device,
@@ -122,6 +142,24 @@ class CasePredictor:
         self.class_names = self.predictor.initialize_from_trained_model_folder(self.model_dir, self.folds,
                                                                                self.options.checkpoint)
         self.export_configuration = export_configuration(self.predictor.configuration_manager, self.device)
+        self.temperatures = self._temperatures() if self.options.calibration else None
+        if self.options.saliency:
+            from multitask_nnunet.inference.saliency import resolve_stage
+            resolve_stage(len(self.predictor._module().encoder.strides), self.options.saliency_stage)
+
+    def _temperatures(self) -> Optional[np.ndarray]:
+        """(F, 1) each fold's temperature (calibration.json), or None (no calibration) unless every fold has one:
+        models trained before calibration existed predict as they did."""
+        temperatures = [read_temperature(os.path.join(self.model_dir, f"fold_{f}")) for f in self.folds]
+        if any(t is None for t in temperatures):
+            return None
+        return np.array(temperatures, dtype=np.float64)[:, None]
+
+    def _ensemble(self, fold_probabilities: np.ndarray) -> np.ndarray:
+        """(..., F, K) -> (..., K): each fold's temperature applied to its own probabilities, then the mean."""
+        if self.temperatures is not None:
+            fold_probabilities = apply_temperature(fold_probabilities, self.temperatures)
+        return np.asarray(fold_probabilities, dtype=np.float64).mean(-2).astype(np.float32)
 
     # ---------------------------------------------------------------- the API
     def predict_case(self, images: Images, properties: Optional[dict] = None,
@@ -136,6 +174,32 @@ class CasePredictor:
         """The label map in the input's geometry, written atomically with the plans' writer (files input, or
         properties holding what the writer needs, e.g. SimpleITK's ``sitk_stuff``)."""
         self.io.write_mask(result.segmentation, result.properties, path)
+
+    def write_saliency(self, result: CaseResult, path: str) -> None:
+        """The Grad-CAM map (``options.saliency``), float32, in the input's geometry (case_io.write_map)."""
+        self._write_map(result.saliency, result, path, "saliency")
+
+    def write_pooling_weights(self, result: CaseResult, path: str) -> None:
+        """The guided head's pooling weights (``options.saliency``, SegGuidedHead only), like ``write_saliency``."""
+        self._write_map(result.pooling_weights, result, path, "pooling weights")
+
+    def write_seg_uncertainty(self, result: CaseResult, path: str) -> None:
+        """The per-voxel segmentation uncertainty (``options.seg_uncertainty``), like ``write_saliency``."""
+        self._write_map(result.seg_uncertainty, result, path, "segmentation uncertainty")
+
+    def write_figure(self, result: CaseResult, images: Images, path: str) -> None:
+        """The saliency PNG (figures.py): three slices through the predicted structure with the image (``images``:
+        the case's files, or its array), the mask's contour, the heatmap and the class probabilities."""
+        from multitask_nnunet.inference import figures
+        image = images if isinstance(images, np.ndarray) else self.io.read_image(
+            [images] if isinstance(images, (str, os.PathLike)) else list(images))[0]
+        figures.write_case_png(path, result.name, image[0], result.properties["spacing"], result.segmentation,
+                               result.saliency, result.probabilities, self.class_names, result.uncertainty)
+
+    def _write_map(self, values: Optional[np.ndarray], result: CaseResult, path: str, what: str) -> None:
+        if values is None:
+            raise ValueError(f"case '{result.name}' has no {what} map (see PredictorOptions)")
+        self.io.write_map(values, result.properties, path)
 
     # ---------------------------------------------------------------- the two halves batch.py runs apart
     def prepare(self, images: Images, properties: Optional[dict] = None, name: Optional[str] = None) -> PreparedCase:
@@ -168,15 +232,39 @@ class CasePredictor:
         except NonFiniteOutputError as e:
             source = f" ({', '.join(case.files)})" if case.files else ""
             raise InputError(f"case '{case.name}'{source}: {e}") from None
+        probabilities = self._ensemble(prediction.fold_probabilities)
+        index = int(np.argmax(probabilities))
+        uncertainty = class_uncertainty(probabilities)
+        timings = {**case.timings, NETWORK: time.perf_counter() - t0}
+        if self.options.mc_dropout > 0:
+            t = time.perf_counter()
+            samples = self._ensemble(self.predictor.mc_dropout_probabilities(data, self.options.mc_dropout))
+            uncertainty["mutual_information"] = mutual_information(samples)
+            timings[MC_DROPOUT] = time.perf_counter() - t
         t1 = time.perf_counter()
         segmentation = segmentation_in_input_geometry(prediction.logits, case.properties,
                                                       self.predictor.plans_manager, self.export_configuration,
                                                       self.predictor.label_manager)
-        t2 = time.perf_counter()
-        index = int(np.argmax(prediction.probabilities))
-        return CaseResult(case.name, segmentation, prediction.probabilities, index, self.class_names[index],
+        seg_uncertainty = None
+        if self.options.seg_uncertainty:
+            from multitask_nnunet.inference.saliency import segmentation_entropy
+            seg_uncertainty = self._in_input_geometry(
+                segmentation_entropy(prediction.logits, self.predictor.label_manager.has_regions), case)
+        timings[EXPORT] = time.perf_counter() - t1
+        saliency = pooling = None
+        if self.options.saliency:
+            t = time.perf_counter()
+            from multitask_nnunet.inference.saliency import grad_cam
+            cam, pool = grad_cam(self.predictor, data, index, self.options.saliency_stage)
+            saliency = self._in_input_geometry(cam, case)
+            pooling = None if pool is None else self._in_input_geometry(pool, case)
+            timings[SALIENCY] = time.perf_counter() - t
+        return CaseResult(case.name, segmentation, probabilities, index, self.class_names[index],
                           prediction.path, prediction.fallback, case.properties, case.shape,
-                          tuple(case.data.shape[1:]), {**case.timings, NETWORK: t1 - t0, EXPORT: t2 - t1})
+                          tuple(case.data.shape[1:]), timings, uncertainty, saliency, pooling, seg_uncertainty)
+
+    def _in_input_geometry(self, values: torch.Tensor, case: PreparedCase) -> np.ndarray:
+        return map_in_input_geometry(values, case.properties, self.predictor.plans_manager, self.export_configuration)
 
     def _name_from_file(self, file: str) -> str:
         base = os.path.basename(file)

@@ -8,9 +8,12 @@ has no case, for the file), so that ``--continue-on-error`` can predict the othe
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from multitask_nnunet.errors import InputError
+
+
+SALIENCY, POOLING, SEG_UNCERTAINTY = "_saliency", "_pooling", "_seg_uncertainty"  # suffixes of the extra outputs
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,16 @@ class InputCase:
     @property
     def output_name(self) -> str:
         return self.name + self.file_ending
+
+    def extra_output_names(self, saliency: bool = False, seg_uncertainty: bool = False) -> List[str]:
+        """The files ``predict --saliency`` / ``--seg-uncertainty`` add for this case (the guided head's
+        ``<case>_pooling<ending>`` too, which is written before these and not counted)."""
+        names = [self.name + SALIENCY + self.file_ending, self.name + SALIENCY + ".png"] if saliency else []
+        return names + ([self.name + SEG_UNCERTAINTY + self.file_ending] if seg_uncertainty else [])
+
+    @property
+    def pooling_name(self) -> str:
+        return self.name + POOLING + self.file_ending
 
 
 def channel_pattern(*file_endings: str) -> "re.Pattern":
@@ -74,6 +87,11 @@ def part_of(names: Sequence[str], num_parts: int, part_id: int) -> List[str]:
     return sorted(names)[part_id::num_parts]
 
 
-def is_done(case: InputCase, output_folder: str, class_rows: Dict[str, object]) -> bool:
-    """Done = its mask exists and its row is in the class CSVs; both are written atomically, so both complete."""
-    return os.path.isfile(os.path.join(output_folder, case.output_name)) and case.output_name in class_rows
+def is_done(case: InputCase, output_folder: str, class_rows: Dict[str, object], extra_outputs: Sequence[str] = (),
+            extra_columns: Optional[Dict[str, Dict[str, float]]] = None, required_columns: Sequence[str] = ()) -> bool:
+    """Done = its mask and the ``extra_outputs`` asked for exist and its row is in the class CSVs (with the
+    ``required_columns`` filled in ``extra_columns``); all are written atomically, so all complete."""
+    if case.output_name not in class_rows or not all(
+            os.path.isfile(os.path.join(output_folder, f)) for f in (case.output_name, *extra_outputs)):
+        return False
+    return all(c in (extra_columns or {}).get(case.output_name, {}) for c in required_columns)

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
-from multitask_nnunet.class_csv import PROBABILITIES_CSV, read_probabilities_csv, write_class_csvs
+from multitask_nnunet.class_csv import PROBABILITIES_CSV, read_extra_columns, read_probabilities_csv, write_class_csvs
 
 PARTS_FOLDER = "parts"
 
@@ -39,6 +39,14 @@ def known_rows(output_folder: str) -> Dict[str, np.ndarray]:
     return rows
 
 
+def known_extra_columns(output_folder: str) -> Dict[str, Dict[str, float]]:
+    """``{Names: {column: value}}`` of the extra columns (e.g. ``mutual_information``), newest file winning."""
+    rows: Dict[str, Dict[str, float]] = {}
+    for source in _sources(output_folder):
+        rows.update(read_extra_columns(source))
+    return rows
+
+
 def _same(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
 
@@ -58,6 +66,7 @@ class ClassRows:
         self.part_id = part_id
         self.part_cases = set(part_cases)
         self.new: Dict[str, np.ndarray] = {}
+        self.new_extra: Dict[str, Dict[str, float]] = {}
 
     @property
     def class_names(self) -> List[str]:
@@ -65,18 +74,26 @@ class ClassRows:
             self._names = list(self._class_names())
         return self._names
 
-    def add(self, name: str, probabilities: np.ndarray) -> None:
+    def add(self, name: str, probabilities: np.ndarray, extra: Optional[Dict[str, float]] = None) -> None:
+        """``extra``: the case's extra columns (class_csv.py), e.g. ``{"mutual_information": 0.01}``."""
         self.new[name] = probabilities
-        rows = {**known_rows(self.output_folder), **self.new}
+        self.new_extra[name] = dict(extra or {})
+        rows, extras = self._rows()
         if self.part_id is None:
-            write_class_csvs(self.output_folder, rows, self.class_names)
+            write_class_csvs(self.output_folder, rows, self.class_names, extra_columns=extras)
         else:
             mine = {n: p for n, p in rows.items() if n in self.part_cases}
-            write_class_csvs(part_folder(self.output_folder, self.part_id), mine, self.class_names)
+            write_class_csvs(part_folder(self.output_folder, self.part_id), mine, self.class_names,
+                             extra_columns=extras)
+
+    def _rows(self):
+        return ({**known_rows(self.output_folder), **self.new},
+                {**known_extra_columns(self.output_folder), **self.new_extra})
 
     def write_merged(self) -> None:
         """Write the merged CSVs from every row on disk (and this run's), unless they already hold exactly that."""
-        rows = {**known_rows(self.output_folder), **self.new}
+        rows, extras = self._rows()
         merged = os.path.join(self.output_folder, PROBABILITIES_CSV)
-        if not os.path.isfile(merged) or not _same(rows, read_probabilities_csv(merged)):
-            write_class_csvs(self.output_folder, rows, self.class_names)
+        if not os.path.isfile(merged) or not _same(rows, read_probabilities_csv(merged)) or \
+                {n: e for n, e in extras.items() if e} != {n: e for n, e in read_extra_columns(merged).items() if e}:
+            write_class_csvs(self.output_folder, rows, self.class_names, extra_columns=extras)

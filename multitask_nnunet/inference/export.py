@@ -47,3 +47,25 @@ def segmentation_in_input_geometry(logits: torch.Tensor, properties: dict, plans
     return convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, plans_manager, export_configuration_manager, label_manager, properties,
         num_threads_torch=torch.get_num_threads())
+
+
+def map_in_input_geometry(values: torch.Tensor, properties: dict, plans_manager,
+                          export_configuration_manager) -> np.ndarray:
+    """A continuous map (x, y, z) on the preprocessed grid (saliency, uncertainty) -> float32 in the input image's
+    array shape, exported as nnU-Net exports a mask's probabilities (the geometry steps of
+    ``convert_predicted_logits_to_segmentation_with_correct_shape``, nnunetv2 2.8.1, for one channel): resampled
+    to the cropped input shape with the configuration's probability resampling, put into the cropping's bounding
+    box (zeros outside), transposed back."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+    spacing_transposed = [properties['spacing'][i] for i in plans_manager.transpose_forward]
+    cropped_shape = properties['shape_after_cropping_and_before_resampling']
+    current_spacing = export_configuration_manager.spacing if \
+        len(export_configuration_manager.spacing) == len(cropped_shape) else \
+        [spacing_transposed[0], *export_configuration_manager.spacing]
+    resampled = export_configuration_manager.resampling_fn_probabilities(
+        torch.as_tensor(values, dtype=torch.float32)[None], cropped_shape, current_spacing, spacing_transposed)
+    resampled = resampled[0].cpu().numpy() if isinstance(resampled, torch.Tensor) else np.asarray(resampled)[0]
+    full = np.zeros(properties['shape_before_cropping'], dtype=np.float32)
+    full = insert_crop_into_image(full, resampled.astype(np.float32, copy=False),
+                                  properties['bbox_used_for_cropping'])
+    return np.ascontiguousarray(full.transpose(plans_manager.transpose_backward))

@@ -9,6 +9,7 @@ from typing import Optional, Tuple, Union
 
 DEFAULT_WORKERS = max(1, min(3, (os.cpu_count() or 2) - 1))
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
+DEFAULT_SALIENCY_STAGE = -2  # the stage before the bottleneck
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,12 @@ class PredictorOptions:
     mode: str = "auto"                                   # auto | whole | sliding
     max_whole_voxels: Optional[int] = None               # auto mode's whole-volume limit (None: the predictor's)
     device_preprocessing: Optional[bool] = None          # normalise and resample on the device (None: on CUDA)
+    # explain and trust the class (issue 11; saliency.py, multitask_nnunet/calibration.py)
+    saliency: bool = False                               # Grad-CAM (+ the guided head's pooling weights) per case
+    saliency_stage: int = DEFAULT_SALIENCY_STAGE         # encoder stage Grad-CAM is taken at (negative: from the end)
+    calibration: bool = True                             # apply fold_X/calibration.json's temperature if there
+    mc_dropout: int = 0                                  # N > 0: N more passes, head dropout on (mutual information)
+    seg_uncertainty: bool = False                        # per-voxel entropy of the segmentation, in input geometry
 
     def __post_init__(self):
         if self.folds is not None:  # lists (argparse, callers) become tuples: the options stay hashable

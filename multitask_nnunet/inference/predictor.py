@@ -61,6 +61,8 @@ class PreprocessedPrediction(NamedTuple):
     probabilities: np.ndarray     # class probabilities (K,)
     path: str                     # WHOLE, SLIDING or FALLBACK
     fallback: Optional[str]       # what ran out of memory and what ran instead; None unless FALLBACK
+    fold_probabilities: Optional[np.ndarray] = None  # (F, K): each fold's class probabilities (TTA-averaged);
+                                                     # ``probabilities`` is their mean (calibration.py)
 
 
 def load_multitask_checkpoint(path: str, mmap: bool = False) -> dict:
@@ -279,27 +281,55 @@ class MultitaskPredictor(nnUNetPredictor):
         that ran, for one preprocessed case (c, x, y, z), ensembled over all loaded folds. Raises
         ``NonFiniteOutputError`` when the logits or probabilities are not finite."""
         self.network = self.network.to(self.device).eval()
-        logits_sum, probs_sum, path, fallback = None, None, None, None
-        parameters = self.list_of_parameters or [None]  # None: the weights the network holds (validation)
-        for index, params in enumerate(parameters):
-            if params is not None and index != self._loaded_parameters:  # one fold: load once, not per case
-                self._module().load_state_dict(params)
-                self._loaded_parameters = index
+        logits_sum, fold_probabilities, path, fallback = None, [], None, None
+        for _ in self.fold_weights():
             with self._autocast():
                 logits, probs, fold_path, fold_fallback = self._predict_one_fold(data)
             if path is None or fold_path == FALLBACK:
                 path, fallback = fold_path, fold_fallback
             logits_sum = logits.cpu() if logits_sum is None else logits_sum.add_(logits.cpu())
-            probs_sum = probs.cpu() if probs_sum is None else probs_sum + probs.cpu()
-        n = len(parameters)
+            fold_probabilities.append(probs.float().cpu())
+        n = len(fold_probabilities)
         if n > 1:
             logits_sum /= n
-        probabilities = (probs_sum.float() / n).numpy()
+        fold_probabilities = torch.stack(fold_probabilities).numpy()
+        probabilities = fold_probabilities.sum(0) / n
         # nnU-Net's predictor raises on inf logits (FP16 overflow); NaN is as bad and passes its check
         if not (bool(torch.isfinite(logits_sum).all()) and np.isfinite(probabilities).all()):
             raise NonFiniteOutputError("the network's output holds NaN or infinite values (nnU-Net's predictor "
                                        "stops on this too)")
-        return PreprocessedPrediction(logits_sum, probabilities, path, fallback)
+        return PreprocessedPrediction(logits_sum, probabilities, path, fallback, fold_probabilities)
+
+    def fold_weights(self) -> Iterator[None]:
+        """Loads each fold's weights into the network in turn (one iteration per fold); a single fold is loaded
+        once, not per case. No weights loaded (final validation): the network's own, one iteration."""
+        parameters = self.list_of_parameters or [None]
+        for index, params in enumerate(parameters):
+            if params is not None and index != self._loaded_parameters:
+                self._module().load_state_dict(params)
+                self._loaded_parameters = index
+            yield
+
+    @torch.inference_mode()
+    def mc_dropout_probabilities(self, data: torch.Tensor, samples: int, seed: int = 0) -> np.ndarray:
+        """(samples, F, K) class probabilities with the classification head's dropout on (only the head's: the
+        encoder and decoder stay in eval mode), each sample a full pass of the case's path (TTA, tiles) per fold.
+        Seeded (the global RNG is left as it was), so a case gets the same samples every run."""
+        self.network = self.network.to(self.device).eval()
+        dropouts = [m for m in self._module().classification_head.modules() if isinstance(m, torch.nn.Dropout)]
+        out = []
+        try:
+            for m in dropouts:
+                m.train()
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                for _ in self.fold_weights():
+                    with self._autocast():
+                        out.append([self._predict_one_fold(data)[1].float().cpu() for _ in range(samples)])
+        finally:
+            for m in dropouts:
+                m.eval()
+        return torch.stack([torch.stack(fold) for fold in out], 1).numpy()
 
     @follows(nnUNetPredictor.predict_sliding_window_return_logits, "76bacfa82a3c")
     def _predict_one_fold(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, str, Optional[str]]:

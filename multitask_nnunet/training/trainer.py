@@ -19,6 +19,8 @@ loss, DDP) stays nnU-Net's. This subclass adds:
   classification task than the head does;
 - per-case classification metrics in validation (macro-F1, accuracy, per-class recall, a warning when the
   predictions collapse to one class) and a combined metric for ``checkpoint_best.pth``;
+- at the end of final validation, temperature scaling fitted on the fold's validation class probabilities,
+  written to ``fold_X/calibration.json`` with the NLL and ECE before and after (multitask_nnunet.calibration);
 - checkpoints whose ``network_weights`` are exactly a stock nnU-Net network's (so ``nnUNetv2_predict``
   works on them), with the head's spec and weights beside them under ``classification_head`` and the head
   optimizer's state under ``head_optimizer_state``.
@@ -47,6 +49,7 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
+from multitask_nnunet.calibration import CALIBRATION_JSON, fit_calibration, write_calibration
 from multitask_nnunet.class_csv import write_class_csvs
 from multitask_nnunet.class_labels import class_labels_for_cases, class_weights, read_class_labels
 from multitask_nnunet.evaluation.metrics import classification_metrics, mean_probabilities_per_case
@@ -561,3 +564,20 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         self.print_to_log_file(f"Validation classification (per case, {len(cases)} cases): macro-F1 "
                                f"{metrics['macro_f1']:.4f}, accuracy {metrics['accuracy']:.4f}, confusion matrix "
                                f"{metrics['confusion_matrix']}", also_print_to_console=True)
+        self._fit_calibration(np.stack([probabilities[c] for c in cases]),
+                              [self.class_labels.label_of(c) for c in cases])
+
+    def _fit_calibration(self, probabilities: np.ndarray, labels: List[int]) -> None:
+        """Temperature scaling on this fold's validation class probabilities (multitask_nnunet.calibration), written
+        to ``fold_X/calibration.json``, which ``multitask-nnunet predict`` applies by default."""
+        if len(labels) == 0:
+            return
+        calibration = fit_calibration(probabilities, labels)
+        write_calibration(self.output_folder, calibration)
+        self.print_to_log_file(
+            f"Calibration (temperature scaling on {len(labels)} validation cases): "
+            f"T = {calibration['temperature']:.4f}; "
+            f"NLL {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}, ECE ({calibration['ece_bins']} "
+            f"bins) {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}; written to {CALIBRATION_JSON}"
+            + (f" ({calibration['note']})" if calibration["note"] else ""),
+            also_print_to_console=True)

@@ -1,0 +1,84 @@
+"""Where the model looked, and how sure the segmentation is: Grad-CAM of the predicted class, the guided head's
+pooling weights, and the per-voxel segmentation entropy, all on the preprocessed grid (``export.py`` maps them
+to the input's geometry).
+
+Grad-CAM (Selvaraju et al. 2017) needs gradients, so it runs as a separate forward pass with autograd on, only
+when asked (``predict --saliency``); the prediction itself keeps running under inference mode. The pass is the
+network's own (encoder -> decoder -> head, as ``MultitaskUNet.forward``) on the whole preprocessed volume,
+padded as the whole-volume prediction pads it, without TTA; with several folds each fold's map is computed with
+its weights and the maps are averaged. At encoder stage s with activations A (C, *grid):
+
+    CAM = ReLU(sum_c mean_grid(d logit_k / d A_c) * A_c),  k = the predicted class,
+
+upsampled (trilinear) to the preprocessed shape and divided by its maximum (zeros when it is zero everywhere).
+The gradient reaches the stage through everything the head reads from it (its own pooled features and the
+deeper stages); the segmentation logits a head uses as a guide are detached, as in training.
+"""
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from torch.nn import functional as F
+
+from multitask_nnunet.errors import InputError
+
+
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    peak = float(x.max())
+    return x / peak if peak > 0 else torch.zeros_like(x)
+
+
+def resolve_stage(num_stages: int, stage: int) -> int:
+    if not -num_stages <= stage < num_stages:
+        raise InputError(f"--saliency-stage {stage}: the encoder has {num_stages} stages (0..{num_stages - 1}, or "
+                         f"negative from the end)")
+    return stage % num_stages
+
+
+def grad_cam(predictor, data: torch.Tensor, class_index: int,
+             stage: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(Grad-CAM (x, y, z) in [0, 1], the head's pooling weights (x, y, z) in [0, 1] or None for a head without
+    them) on the preprocessed grid of ``data`` (c, x, y, z), averaged over the predictor's folds, on the CPU."""
+    module = predictor._module()
+    head = module.classification_head
+    cams, pools = [], []
+    with torch.inference_mode(False), torch.enable_grad():
+        x = data.to(predictor.device).clone()  # a normal tensor (the prepared one may be an inference tensor)
+        padded, revert = pad_nd_image(x, predictor.configuration_manager.patch_size, "constant", {"value": 0}, True,
+                                      module.divisibility())
+        crop = tuple(revert[1:])
+        for _ in predictor.fold_weights():
+            module.eval()
+            with predictor._autocast():
+                skips = module.encoder(padded[None])
+                s = resolve_stage(len(skips), stage)
+                segmentation = module.decoder(skips)
+                segmentation = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
+                logits = head(skips, segmentation.detach())
+            activation = skips[s]
+            (gradient,) = torch.autograd.grad(logits[0, class_index].float(), activation)
+            with torch.no_grad():
+                weights = gradient.float().mean(dim=tuple(range(2, gradient.ndim)), keepdim=True)
+                cam = F.relu((weights * activation.float()).sum(1, keepdim=True))
+                cam = F.interpolate(cam, size=padded.shape[1:], mode="trilinear" if cam.ndim == 5 else "bilinear",
+                                    align_corners=False)[0, 0][crop]
+                cams.append(_normalised(cam).cpu())
+                if hasattr(head, "pooling_weights"):
+                    pools.append(_normalised(head.pooling_weights(segmentation.detach())[0, 0][crop].float()).cpu())
+            del skips, segmentation, logits, activation, gradient
+    cam = _normalised(torch.stack(cams).mean(0))
+    pool = _normalised(torch.stack(pools).mean(0)) if pools else None
+    return cam, pool
+
+
+def segmentation_entropy(logits: torch.Tensor, has_regions: bool) -> torch.Tensor:
+    """Per-voxel uncertainty (x, y, z) in [0, 1] of the ensembled segmentation logits (C, x, y, z): the softmax
+    entropy divided by log C (labels), or for regions the largest binary entropy of the region sigmoids divided
+    by log 2."""
+    logits = logits.float()
+    if has_regions:
+        p = torch.sigmoid(logits).clamp(1e-7, 1 - 1e-7)
+        return (-(p * p.log() + (1 - p) * (1 - p).log()) / np.log(2)).amax(0)
+    p = torch.softmax(logits, 0).clamp_min(1e-12)
+    return -(p * p.log()).sum(0) / np.log(max(2, logits.shape[0]))
