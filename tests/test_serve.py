@@ -121,12 +121,12 @@ def cli_prediction(trained, case, tmp_path_factory):
     run(ours("predict", "-i", root, "-o", root / "out", "-m", trained.results, "--device", "cpu"), trained.env)
     name = case.name.replace("_0000.nii.gz", ".nii.gz")
     with open(root / "out" / "class_probabilities.csv", newline="") as f:
-        header, row = list(csv.reader(f))[:2]
+        row = next(csv.DictReader(f))
     with open(root / "out" / "subtype_results.csv", newline="") as f:
         subtype = list(csv.reader(f))[1]
-    assert row[0] == subtype[0] == name
-    classes = [column[len("prob_"):] for column in header[2:]]   # Names, Subtype, prob_<class>...
-    return sitk.ReadImage(str(root / "out" / name)), dict(zip(classes, map(float, row[2:]))), int(subtype[1])
+    assert row["Names"] == subtype[0] == name
+    probabilities = {k[len("prob_"):]: float(v) for k, v in row.items() if k.startswith("prob_")}
+    return sitk.ReadImage(str(root / "out" / name)), probabilities, int(subtype[1])
 
 
 def wait_until(condition, seconds=10.0):
@@ -265,7 +265,11 @@ def test_good_case_matches_predict(server, case, cli_prediction):
     assert result["class_index"] == cli_class and result["class_name"] == list(cli_probabilities)[cli_class]
     assert list(result["probabilities"]) == list(cli_probabilities)
     np.testing.assert_allclose(list(result["probabilities"].values()), list(cli_probabilities.values()), atol=1e-5)
-    assert result["uncertainty"] == {} or all(isinstance(v, float) for v in result["uncertainty"].values())
+    assert set(result["uncertainty"]) >= {"entropy", "confidence"}
+    assert result["uncertainty"]["confidence"] == pytest.approx(max(result["probabilities"].values()), abs=1e-5)
+    # final validation fitted fold 0's temperature (calibration.json); the service applies it, as predict does
+    model = server.get("/model").json()
+    assert result["calibrated"] is True and set(model["calibration"]) == {"0"} and model["calibration"]["0"] > 0
     assert set(result["timings"]) >= {"read", "preprocess", "network", "export", "queue", "service"}
     saliency = server.get("/model").json()["saliency"]   # served with --saliency where the feature exists
     assert result["saliency"] is saliency

@@ -242,6 +242,7 @@ class Service:
             "class_index": int(result.class_index),
             "class_name": result.class_name,
             "probabilities": {name: round(float(p), 6) for name, p in zip(class_names, result.probabilities)},
+            "calibrated": self.predictor.temperatures is not None,  # every fold's calibration.json applied
             "uncertainty": {k: float(v) for k, v in (getattr(result, "uncertainty", None) or {}).items()},
             "volumes_ml": volumes_ml(result.segmentation, result.properties["spacing"], self.dataset_json["labels"]),
             "timings": timings,
@@ -294,6 +295,8 @@ class Service:
             "device": str(predictor.device),
             "tta": predictor.options.tta,
             "saliency": bool(getattr(predictor.options, "saliency", False)),
+            "calibration": None if predictor.temperatures is None else
+            {str(f): float(t) for f, t in zip(predictor.folds, predictor.temperatures[:, 0])},
             "version": {"multitask_nnunet": multitask_nnunet.__version__, "nnunetv2": version("nnunetv2"),
                         "torch": torch.__version__},
             "service": {"queue_size": self.options.queue_size, "timeout_s": self.options.timeout,
