@@ -6,7 +6,8 @@ import pytest
 
 from multitask_nnunet.nnunet_copies import FOLLOWED, NNUNET_VERSION, fingerprint
 
-MODULES = ["multitask_nnunet.training.trainer", "multitask_nnunet.inference.predictor"]
+MODULES = ["multitask_nnunet.training.trainer", "multitask_nnunet.inference.predictor",
+           "multitask_nnunet.inference.export"]
 for module in MODULES:
     importlib.import_module(module)
 
@@ -14,7 +15,7 @@ for module in MODULES:
 def test_the_copies_are_registered():
     names = {name.rsplit(".", 1)[-1] for name in FOLLOWED}
     assert {"train_step", "validation_step", "save_checkpoint", "load_checkpoint", "perform_actual_validation",
-            "_mirror_and_predict", "_predict_sliding"} <= names
+            "_mirror_and_predict", "_predict_sliding", "map_in_input_geometry"} <= names
 
 
 @pytest.mark.parametrize("ours", sorted(FOLLOWED))

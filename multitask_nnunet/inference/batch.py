@@ -84,8 +84,6 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
     if report.failed and not options.continue_on_error:
         raise InputError(report.failed[min(report.failed)])
 
-    if options.predictor.mc_dropout < 0:
-        raise InputError(f"--mc-dropout {options.predictor.mc_dropout}: need 0 (off) or a number of passes")
     os.makedirs(output_dir, exist_ok=True)
     _remove_leftovers(output_dir)
     done = _done_check(output_dir, options)

@@ -133,7 +133,6 @@ class CaseIO:
         with atomic_path(path, suffix=self.dataset_json["file_ending"]) as tmp:
             self.plans_manager.image_reader_writer_class().write_seg(segmentation, tmp, properties)
 
-
     def write_map(self, values: np.ndarray, properties: dict, path: str) -> None:
         """A float32 map in the input's array shape (saliency, uncertainty) with the input's geometry, atomically.
         The plans' writers cast to integer labels, so this writes the float image itself with the geometry they

@@ -116,8 +116,6 @@ class CasePredictor:
     def __init__(self, model_dir, options: PredictorOptions = PredictorOptions(), load_network: bool = True):
         self.model_dir = resolve_model_folder(model_dir)
         self.options = options
-        if options.mc_dropout < 0:
-            raise InputError(f"--mc-dropout {options.mc_dropout}: need 0 (off) or a number of passes")
         self.device = resolve_device(options.device)
         kwargs = {} if options.max_whole_voxels is None else {"max_whole_volume_voxels": options.max_whole_voxels}
         self.predictor = MultitaskPredictor(tile_step_size=0.5, use_mirroring=options.tta, device=self.device,

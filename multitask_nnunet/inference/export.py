@@ -15,6 +15,8 @@ import torch
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
+from multitask_nnunet.nnunet_copies import follows
+
 DEFAULT_RESAMPLING = "resample_data_or_seg_to_shape"
 TORCH_RESAMPLING = "resample_torch_fornnunet"
 
@@ -49,6 +51,7 @@ def segmentation_in_input_geometry(logits: torch.Tensor, properties: dict, plans
         num_threads_torch=torch.get_num_threads())
 
 
+@follows(convert_predicted_logits_to_segmentation_with_correct_shape, "b1fa6a0cf2e3")
 def map_in_input_geometry(values: torch.Tensor, properties: dict, plans_manager,
                           export_configuration_manager) -> np.ndarray:
     """A continuous map (x, y, z) on the preprocessed grid (saliency, uncertainty) -> float32 in the input image's

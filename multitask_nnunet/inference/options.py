@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
+from multitask_nnunet.errors import InputError
+
 DEFAULT_WORKERS = max(1, min(3, (os.cpu_count() or 2) - 1))
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 DEFAULT_SALIENCY_STAGE = -2  # the stage before the bottleneck
@@ -32,6 +34,8 @@ class PredictorOptions:
     def __post_init__(self):
         if self.folds is not None:  # lists (argparse, callers) become tuples: the options stay hashable
             object.__setattr__(self, "folds", tuple(self.folds))
+        if self.mc_dropout < 0:
+            raise InputError(f"--mc-dropout {self.mc_dropout}: need 0 (off) or a number of passes")
 
 
 @dataclass(frozen=True)
