@@ -1,4 +1,5 @@
-"""Image files, read safely: completeness, voxel grids, and label maps (the one home of all three).
+"""Image files, read safely: completeness, voxel grids, label maps, and nnU-Net's channel naming (the one home
+of all four).
 
 ``convert`` (images and masks), ``predict`` (images) and ``evaluate`` (ground truth and predictions) read image
 files through this module, so they accept and refuse the same files:
@@ -10,7 +11,9 @@ files through this module, so they accept and refuse the same files:
   ground truth;
 - ``round_labels`` / ``read_label_map``: label maps stored as floats (the quiz's masks hold 1.0000152) are
   rounded, but a voxel farther than ``VALUE_TOLERANCE`` from an integer means a resampled or damaged mask, and
-  is refused.
+  is refused;
+- ``channel_pattern``: nnU-Net's image naming ``<case>_XXXX<ending>`` (XXXX: the channel, 4 digits), which
+  ``convert``, ``predict``, ``evaluate`` and the service parse alike.
 
 Completeness: SimpleITK reads a truncated ``.nii.gz`` without complaint and fills the missing voxels with zeros, so every
 command that reads a NIfTI file (predict its images; convert its images and masks; evaluate its ground truth and
@@ -21,6 +24,7 @@ stream, to tell which: truncated gzip data ends before its end-of-stream marker.
 """
 import io
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -34,6 +38,13 @@ from multitask_nnunet.errors import InputError, one_line
 _CHUNK = 1 << 22
 VALUE_TOLERANCE = 1e-3      # how far a stored label value may lie from its integer
 GEOMETRY_TOLERANCE = 1e-4   # spacing, origin and direction: how far two grids may differ and still be one
+
+
+# ---------------------------------------------------------------------------------------------- naming
+def channel_pattern(*file_endings: str) -> "re.Pattern":
+    """``<case>_XXXX<ending>`` for any of ``file_endings`` (``""``: a name without its ending), to be used with
+    ``fullmatch``: groups case, channel (4 digits), ending."""
+    return re.compile(r"(.+)_(\d{4})(" + "|".join(re.escape(e) for e in file_endings) + ")")
 
 
 # ---------------------------------------------------------------------------------------------- voxel grids

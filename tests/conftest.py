@@ -6,6 +6,7 @@ The expensive steps run once per session and the tests share their outputs read-
 """
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def nnunet_env(root: Path) -> dict:
         (root / var).mkdir(parents=True, exist_ok=True)
         env[var] = str(root / var)
     env["nnUNet_n_proc_DA"] = "1"
-    env["nnUNet_def_n_proc"] = "2"  # nnU-Net's worker pools (final-validation export): 2 cores, not 8 processes
+    env["nnUNet_def_n_proc"] = "1"  # nnU-Net's worker pools (final-validation export, metrics): 1 beside the main
     env["OMP_NUM_THREADS"] = "2"
     return env
 
@@ -72,6 +73,61 @@ def trained(preprocessed) -> Pipeline:
     results = preprocessed.root / "nnUNet_results" / DATASET_NAME / f"{TRAINER}__{PLANS}__{CONFIG}"
     return Pipeline(preprocessed.root, preprocessed.env, preprocessed.source, preprocessed.raw,
                     preprocessed.preprocessed, results)
+
+
+@dataclass(frozen=True)
+class ClassOnly:
+    pipeline: Pipeline        # dataset 502, planned and preprocessed (tiny plans too), not trained
+    unmasked: tuple           # the cases whose mask was removed from the source before conversion
+    convert_output: str       # what convert printed
+    validation: tuple         # its validation cases
+
+
+CLASS_ONLY_TRAINER = "MultitasknnUNetTrainer_TestShort"
+
+
+@pytest.fixture(scope="session")
+def class_only(preprocessed, tmp_path_factory) -> ClassOnly:
+    """Part of the session's synthetic data (3 training and 1 validation case per class) with the masks of a third
+    of the training cases and of one validation case removed (their class stays), converted with
+    ``--allow-missing-masks`` as dataset 502 and planned and preprocessed by stock nnU-Net (test_conversion
+    checks the conversion, test_training trains on it)."""
+    root = tmp_path_factory.mktemp("class_only")
+    env = nnunet_env(root)
+    source = root / "source"
+    kept = {}
+    for split, per_class in (("train", 3), ("validation", 1)):
+        for folder in sorted((preprocessed.source / split).iterdir()):
+            images = sorted(folder.glob("*_0000.nii.gz"))[:per_class]
+            (source / split / folder.name).mkdir(parents=True)
+            for image in images:
+                mask = image.with_name(image.name.replace("_0000.nii.gz", ".nii.gz"))
+                shutil.copy(image, source / split / folder.name / image.name)
+                shutil.copy(mask, source / split / folder.name / mask.name)
+                kept.setdefault(split, []).append(source / split / folder.name / mask.name)
+    removed = sorted(kept["train"])[::3] + sorted(kept["validation"])[:1]
+    for p in removed:
+        p.unlink()
+    converted = run(ours("convert", "-i", source, "-d", 502, "-n", "ClassOnly", "--allow-missing-masks"), env)
+    run(nnunet("nnUNetv2_plan_and_preprocess", "-d", 502, "-c", CONFIG, "-np", "2", "-npfp", "2",
+               "--verify_dataset_integrity"), env)
+    from multitask_nnunet.tiny_plans import write_tiny_plans
+    write_tiny_plans(str(root / "nnUNet_preprocessed" / "Dataset502_ClassOnly"), target_plans=PLANS)
+    pipeline = Pipeline(root, env, source, root / "nnUNet_raw" / "Dataset502_ClassOnly",
+                        root / "nnUNet_preprocessed" / "Dataset502_ClassOnly")
+    validation = tuple(sorted(p.name[:-len(".nii.gz")] for p in kept["validation"]))
+    return ClassOnly(pipeline, tuple(p.name[:-len(".nii.gz")] for p in removed), converted.stdout, validation)
+
+
+@pytest.fixture(scope="session")
+def class_only_trained(class_only) -> Pipeline:
+    """Dataset 502 trained with the short test trainer (3 epochs of 4 iterations, two optimizers) through the
+    stock nnUNetv2_train CLI: the class-only training test checks it, the exact-resume test resumes it."""
+    pipeline = class_only.pipeline
+    run(nnunet("nnUNetv2_train", 502, CONFIG, "0", "-tr", CLASS_ONLY_TRAINER, "-p", PLANS, "-device", "cpu"),
+        pipeline.env, timeout=900)
+    results = pipeline.root / "nnUNet_results" / "Dataset502_ClassOnly" / f"{CLASS_ONLY_TRAINER}__{PLANS}__{CONFIG}"
+    return Pipeline(pipeline.root, pipeline.env, pipeline.source, pipeline.raw, pipeline.preprocessed, results)
 
 
 def load_json(path) -> dict:

@@ -50,7 +50,6 @@ def main():
     torch.set_num_threads(1)  # and the same arithmetic, so that a case's outputs do not depend on the process
     trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, plans, device=torch.device("cpu"))
     trainer.initialize()
-    trainer.inference_allowed_mirroring_axes = None  # final validation without mirroring: 8x less work
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         trainer.is_ddp, trainer.local_rank = True, rank

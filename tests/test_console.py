@@ -42,12 +42,14 @@ def test_demo_keeps_nnunet_chatter_off_the_terminal_but_not_out_of_the_log(tmp_p
     from multitask_nnunet.registration import environment_with_trainers
     raw_log, log, child = tmp_path / "raw_log.txt", tmp_path / "log.txt", tmp_path / "child.py"
     child.write_text(NNUNET_CHILD)
-    unfiltered = subprocess.run([sys.executable, str(child), str(raw_log)], env=environment_with_trainers(),
-                                capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL)
-    for chatter in CHATTER:  # the child really is this chatty
-        assert chatter in unfiltered.stdout + unfiltered.stderr, chatter
-
+    # the child alone, and the child through the demo's filter, at once
+    unfiltered = subprocess.Popen([sys.executable, str(child), str(raw_log)], env=environment_with_trainers(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     shown = run([sys.executable, "-c", DEMO_RUN, str(child), str(log)], {}, timeout=1200)
+    raw_output = "".join(unfiltered.communicate(timeout=1200))
+    for chatter in CHATTER:  # the child really is this chatty
+        assert chatter in raw_output, chatter
+
     echo, child_output = shown.stdout.split("\n", 1)
     assert echo == f"+ {sys.executable} {child} {log}"
     for chatter in CHATTER:

@@ -243,29 +243,24 @@ def test_rerun_with_overwrite_is_byte_identical(synthetic, tmp_path):
     assert not (Path(env["nnUNet_preprocessed"]) / raw_dataset(env).name / "stale.json").exists()
 
 
-def test_cases_without_mask_get_ignore_label(synthetic, tmp_path):
-    source = tmp_path / "source"
-    shutil.copytree(synthetic, source)
-    cases = source_cases(source)
-    unmasked = [sorted(c for c, (s, _) in cases.items() if s == split)[0] for split in ("train", "validation")]
-    for case in unmasked:
-        split, k = cases[case]
-        (source / split / f"subtype{k}" / f"{case}.nii.gz").unlink()
-    env = nnunet_env(tmp_path)
-    result = convert(source, env, "--allow-missing-masks")
-    assert "2 case(s) without a mask" in result.stdout
-
-    out = raw_dataset(env)
-    dataset = json.loads((out / "dataset.json").read_text())
+def test_cases_without_mask_get_ignore_label(class_only):
+    """convert --allow-missing-masks (conftest.class_only: training and validation cases without a mask): their
+    label map is the ignore label throughout, on the image's grid, and stock plan-and-preprocess (with
+    --verify_dataset_integrity) accepts the dataset."""
+    pipeline, unmasked = class_only.pipeline, class_only.unmasked
+    assert f"{len(unmasked)} case(s) without a mask" in class_only.convert_output
+    assert any(c in json.loads((pipeline.raw / "splits_final.json").read_text())[0]["val"] for c in unmasked)
+    dataset = json.loads((pipeline.raw / "dataset.json").read_text())
     assert dataset["labels"] == {"background": 0, "foreground": [1, 2], "label_2": 2, "ignore": 3}
-    assert set(dataset["classification"]["case_labels"]) == set(cases)
+    assert set(dataset["classification"]["case_labels"]) == set(source_cases(pipeline.source))
     for case in unmasked:
-        image = sitk.ReadImage(str(out / "imagesTr" / f"{case}_0000.nii.gz"))
-        labels = sitk.ReadImage(str(out / "labelsTr" / f"{case}.nii.gz"))
+        image = sitk.ReadImage(str(pipeline.raw / "imagesTr" / f"{case}_0000.nii.gz"))
+        labels = sitk.ReadImage(str(pipeline.raw / "labelsTr" / f"{case}.nii.gz"))
         assert np.all(sitk.GetArrayFromImage(labels) == 3)
         assert (labels.GetSize(), labels.GetSpacing(), labels.GetOrigin()) == \
             (image.GetSize(), image.GetSpacing(), image.GetOrigin())
-    plan_and_preprocess(env)
+    preprocessed = {p.name.split(".")[0] for p in (pipeline.preprocessed / "nnUNetPlans_3d_fullres").iterdir()}
+    assert set(unmasked) <= preprocessed
 
 
 def test_stratified_folds(synthetic, tmp_path):

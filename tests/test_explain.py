@@ -1,4 +1,4 @@
-"""Issue 11, explain and trust the class: ``predict --saliency`` (Grad-CAM NIfTI in the input's geometry, PNGs,
+"""Issue 11, explain and trust the class: ``predict --saliency`` (HiResCAM or Grad-CAM NIfTI in the input's geometry, PNGs,
 index.html), uncertainty (entropy, confidence, MC-dropout mutual information, per-voxel segmentation entropy),
 temperature scaling fitted in final validation and applied by ``predict``, and ``evaluate``'s probability
 metrics (ROC-AUC, Brier, ECE, reliability diagram). The CLIs run as subprocesses on the session's tiny model."""
@@ -194,10 +194,10 @@ def test_saliency_maps_geometry_figures_and_lesion_mass(trained, explained):
             fractions[case, suffix] = round(float(values[dilated].sum() / values.sum()), 3)
     correct = [c for c, _ in fractions if predicted[c + ".nii.gz"] == truth[c + ".nii.gz"]]
     assert correct, "no test case classified correctly"
-    # the guided head's saliency, its pooling weights, lies in the lesion; Grad-CAM's share is reported (TechReport
-    # 6.5: spread over the crop on this tiny model)
+    # the guided head's pooling weights lie in the lesion; HiResCAM (the default) puts a median of about half its
+    # mass there (TechReport 6.5), far more than the lesion's 2.6-5.1% of the volume
     for case in correct:
-        assert fractions[case, "_pooling"] >= 0.5, fractions
+        assert fractions[case, "_pooling"] >= 0.5 and fractions[case, "_saliency"] >= 0.25, fractions
     index = (out / "index.html").read_text()
     assert all(f'src="{c}_saliency.png"' in index for c, _ in fractions)
 
@@ -242,3 +242,38 @@ def test_bad_options_are_one_line_errors(trained, tmp_path):
                       "--device", "cpu", "--saliency", "--saliency-stage", "40"), trained.env, check=False)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
         "multitask-nnunet predict: error: --saliency-stage 40")
+
+
+def test_both_saliency_methods_in_process(trained):
+    """The one-case API with each saliency method on one correctly classified test case: both maps lie in [0, 1]
+    on the input's grid with their peak at 1; HiResCAM (the default) puts more of its mass in the dilated lesion
+    than Grad-CAM (TechReport 6.5: a median 51% against 8% on this model). An unknown method is a one-line
+    InputError."""
+    import torch
+    from scipy.ndimage import binary_dilation
+    from multitask_nnunet.errors import InputError
+    from multitask_nnunet.inference.case_predictor import CasePredictor
+    from multitask_nnunet.inference.options import PredictorOptions
+
+    truth = {r[0]: int(r[1]) for r in list(csv.reader(open(trained.source / "test_labels" / "classes.csv")))[1:]}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(trained.env["OMP_NUM_THREADS"]))
+    try:
+        shares = {}
+        for method in ("hirescam", "gradcam"):
+            predictor = CasePredictor(trained.results, PredictorOptions(device="cpu", saliency=True,
+                                                                        saliency_method=method))
+            image = sorted((trained.source / "test").glob("*_0000.nii.gz"))[0]
+            case = image.name.replace("_0000.nii.gz", "")
+            result = predictor.predict_case([str(image)])
+            assert result.class_index == truth[case + ".nii.gz"], "the case must be classified correctly"
+            assert result.saliency.shape == result.segmentation.shape and result.saliency.dtype == np.float32
+            assert result.saliency.min() >= 0 and result.saliency.max() == pytest.approx(1.0)
+            lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(trained.source / "test_labels" / f"{case}.nii.gz")))
+            dilated = binary_dilation(lesion == 2, iterations=2)
+            shares[method] = float(result.saliency[dilated].sum() / result.saliency.sum())
+    finally:
+        torch.set_num_threads(threads)
+    assert shares["hirescam"] > shares["gradcam"], shares
+    with pytest.raises(InputError, match="--saliency-method nope: choose one of gradcam, hirescam"):
+        PredictorOptions(saliency=True, saliency_method="nope")

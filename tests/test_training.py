@@ -74,21 +74,11 @@ def test_both_tasks_learn(trained):
     assert load_json(validation / "classification_summary.json")["macro_f1"] >= 0.6
 
 
-def test_stock_predict_works_on_our_model(trained, tmp_path):
-    images = tmp_path / "in"
-    images.mkdir()
-    for p in sorted((trained.source / "test").glob("*_0000.nii.gz"))[:2]:
-        shutil.copy(p, images / p.name)
-    out = tmp_path / "out"
-    run(nnunet("nnUNetv2_predict", "-i", images, "-o", out, "-d", DATASET_ID, "-c", CONFIG, "-f", "0",
-               "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"),
-        trained.env)
-    assert len(list(out.glob("*.nii.gz"))) == 2
-
-
-def test_continue_training_resumes_exactly(trained, tmp_path):
-    """--c resumes from checkpoint_latest.pth: the epoch counter, phase, logs and head come back, and only
-    the remaining epoch runs."""
+def test_continue_training_resumes_exactly(class_only_trained, tmp_path):
+    """--c resumes from checkpoint_latest.pth: the epoch counter, phase, logs, the head and both optimizers come
+    back, and only the remaining epoch runs (on a copy of the short two-optimizer model of conftest)."""
+    from conftest import CLASS_ONLY_TRAINER
+    trained = class_only_trained
     env = nnunet_env(tmp_path)
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):
         env[var] = trained.env[var]
@@ -102,14 +92,15 @@ def test_continue_training_resumes_exactly(trained, tmp_path):
     (fold0 / "checkpoint_final.pth").unlink()
     shutil.rmtree(fold0 / "validation")
 
-    result = run(nnunet("nnUNetv2_train", DATASET_ID, CONFIG, "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
+    result = run(nnunet("nnUNetv2_train", 502, CONFIG, "0", "-tr", CLASS_ONLY_TRAINER, "-p", PLANS, "-device", "cpu",
                         "--c"), env, timeout=900)
     assert f"Epoch {last}\n" in result.stdout and f"Epoch {last - 1}\n" not in result.stdout
+    assert "Phase 2, classification loss weight" in result.stdout  # the last epoch's phase came back
     resumed = torch.load(fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert resumed["current_epoch"] == last + 1
     # both optimizers resumed: Adam's step count and SGD's momentum continue from the checkpoint
     steps = lambda c: {int(s["step"]) for s in c["head_optimizer_state"]["state"].values()}  # noqa: E731
-    assert steps(resumed) == {s + 25 for s in steps(checkpoint)}  # one more epoch of 25 iterations
+    assert steps(resumed) == {s + 4 for s in steps(checkpoint)}  # one more epoch of 4 iterations
     assert resumed["head_optimizer_state"]["param_groups"][0]["lr"] > 0
     assert all(len(v) == last + 1 for v in resumed["logging"].values())
     assert resumed["logging"]["val_macro_f1"][:last] == checkpoint["logging"]["val_macro_f1"]
@@ -128,27 +119,36 @@ def _write_preprocessed_copy(trained, tmp_path, edit):
     return env
 
 
-def test_missing_class_labels_is_a_clear_error(preprocessed, tmp_path):
-    env = _write_preprocessed_copy(preprocessed, tmp_path, lambda d: d.pop("classification"))
-    result = run(nnunet("nnUNetv2_train", DATASET_ID, CONFIG, "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"),
-                 env, check=False)
-    assert result.returncode != 0
-    assert "no 'classification' entry with class labels" in result.stderr
+def _first_case(d):
+    return sorted(d["classification"]["case_labels"])[0]
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: d["classification"]["case_labels"].pop(sorted(d["classification"]["case_labels"])[0]),
-     "has no class label"),
-    (lambda d: d["classification"]["case_labels"].update({sorted(d["classification"]["case_labels"])[0]: 3}),
-     "has class label 3, expected an integer in [0, 2]"),
-])
-def test_bad_case_labels_name_the_case(preprocessed, tmp_path, edit, message):
-    env = _write_preprocessed_copy(preprocessed, tmp_path, edit)
-    first_case = sorted(load_json(preprocessed.preprocessed / "dataset.json")["classification"]["case_labels"])[0]
-    result = run(nnunet("nnUNetv2_train", DATASET_ID, CONFIG, "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"),
-                 env, check=False)
-    assert result.returncode != 0
-    assert message in result.stderr and first_case in result.stderr
+BAD_CLASS_LABELS = {  # dataset.json edit, the message nnUNetv2_train must print, whether it names the case
+    "no_classification": (lambda d: d.pop("classification"), "no 'classification' entry with class labels", False),
+    "case_without_label": (lambda d: d["classification"]["case_labels"].pop(_first_case(d)), "has no class label",
+                           True),
+    "label_out_of_range": (lambda d: d["classification"]["case_labels"].update({_first_case(d): 3}),
+                           "has class label 3, expected an integer in [0, 2]", True),
+}
+
+
+def test_bad_class_labels_are_clear_errors(preprocessed, tmp_path):
+    """nnUNetv2_train refuses a dataset.json without class labels, with a case without one or with one out of
+    range, naming the case; the three runs go at once (each only starts nnU-Net and our trainer's set-up)."""
+    import subprocess
+    first_case = _first_case(load_json(preprocessed.preprocessed / "dataset.json"))
+    processes = {}
+    for name, (edit, _, _) in BAD_CLASS_LABELS.items():
+        env = _write_preprocessed_copy(preprocessed, tmp_path / name, edit)
+        processes[name] = subprocess.Popen(
+            nnunet("nnUNetv2_train", DATASET_ID, CONFIG, "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"),
+            env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=900)
+        _, message, names_case = BAD_CLASS_LABELS[name]
+        assert process.returncode != 0, name
+        assert message in stderr and (first_case in stderr or not names_case), (name, stderr[-3000:])
 
 
 # a trained model per registered head: the session's model (the default head) or a short run of a test trainer
@@ -199,30 +199,22 @@ def test_every_head_round_trips_through_checkpoint_and_predict(request, tmp_path
     assert len(list((tmp_path / "stock").glob("*.nii.gz"))) == 2
 
 
-def test_training_with_class_only_cases(preprocessed, tmp_path):
-    """A dataset converted with --allow-missing-masks (some cases have a class but no mask: their label map is
-    all ignore label) trains through the stock CLI: nnU-Net's segmentation loss ignores those voxels, the head
-    learns from every case, and final validation writes both tasks' outputs."""
-    env = nnunet_env(tmp_path)
-    source = tmp_path / "source"
-    shutil.copytree(preprocessed.source, source)
-    masks = sorted(p for p in (source / "train").glob("subtype*/*.nii.gz") if not p.name.endswith("_0000.nii.gz"))
-    for p in masks[::3]:  # a third of the training cases keep only their class
-        p.unlink()
-    run(ours("convert", "-i", source, "-d", 502, "-n", "ClassOnly", "--allow-missing-masks"), env)
-    run(nnunet("nnUNetv2_plan_and_preprocess", "-d", 502, "-c", CONFIG, "-np", "2", "-npfp", "2"), env)
-    from multitask_nnunet.tiny_plans import write_tiny_plans
-    write_tiny_plans(str(tmp_path / "nnUNet_preprocessed" / "Dataset502_ClassOnly"), target_plans=PLANS)
-    pipeline = type(preprocessed)(tmp_path, env, source, None, None)
-    model_dir = train_short(pipeline, "MultitasknnUNetTrainer_TestShort", 502)
-
-    checkpoint = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+def test_training_with_class_only_cases(class_only, class_only_trained):
+    """A dataset converted with --allow-missing-masks (conftest.class_only: some training cases and one
+    validation case have a class but no mask: their label map is all ignore label) trains through the stock CLI:
+    nnU-Net's segmentation loss ignores those voxels, the head learns from every case, and final validation
+    writes both tasks' outputs, the class of the validation case without a mask included."""
+    fold0 = class_only_trained.fold0
+    checkpoint = torch.load(fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     logging = checkpoint["logging"]
     assert all(np.isfinite(logging["train_seg_losses"])) and all(np.isfinite(logging["train_cls_losses"]))
     assert len(logging["val_macro_f1"]) == 3
-    summary = load_json(model_dir / "fold_0" / "validation" / "classification_summary.json")
-    assert summary["n_cases"] == 9
-    assert (model_dir / "fold_0" / "validation" / "summary.json").is_file()
+    summary = load_json(fold0 / "validation" / "classification_summary.json")
+    assert summary["n_cases"] == len(class_only.validation) == 3
+    names = [r["Names"] for r in read_csv(fold0 / "validation" / "class_probabilities.csv")]
+    assert names == [f"{c}.nii.gz" for c in class_only.validation]
+    assert any(c in class_only.validation for c in class_only.unmasked)
+    assert (fold0 / "validation" / "summary.json").is_file()
 
 
 GUIDE_TARGET_SCRIPT = """
@@ -349,13 +341,15 @@ def test_seeded_trainer_repeats_initial_weights_and_augmented_batches(preprocess
     data-augmentation workers in two processes (nnU-Net starts them unseeded: without the trainer's seeds the
     batches differ from run to run)."""
     import json
+    import subprocess
     import sys
 
-    def draws(trainer):
-        result = run([sys.executable, "-c", SEEDED_DRAWS_SCRIPT, str(DATASET_ID), CONFIG, trainer, PLANS],
-                     preprocessed.env)  # nnUNet_n_proc_DA=1: one worker for training, one for validation
-        return json.loads(result.stdout.strip().splitlines()[-1])
-
-    first, second = draws(TRAINER), draws(TRAINER)
+    # two processes at once (nnUNet_n_proc_DA=1: one worker each for training and for validation)
+    processes = [subprocess.Popen([sys.executable, "-c", SEEDED_DRAWS_SCRIPT, str(DATASET_ID), CONFIG, TRAINER, PLANS],
+                                  env={**os.environ, **preprocessed.env}, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=900) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], "\n---\n".join(err[-3000:] for _, err in outputs)
+    first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
     assert len(set(first["batches"])) == 3  # three different batches, not one empty digest
     assert first == second

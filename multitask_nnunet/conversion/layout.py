@@ -12,18 +12,18 @@ the indices must run 0, 1, ..., K-1, all class folders share one prefix, and a n
 train/ and validation/. A class without a validation case is a warning (the original split cannot score it).
 A case without a mask is reported with ``mask=None``; the caller decides.
 """
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from multitask_nnunet.class_labels import EXAMPLE, check_one_prefix, parse_class_folder
 from multitask_nnunet.errors import InputError, warn
+from multitask_nnunet.nifti import channel_pattern
 
 ENDING = ".nii.gz"
 SPLIT_FOLDERS = ("train", "validation")
 TEST_FOLDER = "test"
-_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
+_CHANNEL = channel_pattern("")  # a file stem <case>_XXXX
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def _group_channels(folder: Path, stems: List[str]) -> Tuple[Dict[str, Dict[int,
     images: Dict[str, Dict[int, Path]] = {}
     others = []
     for stem in stems:
-        m = _CHANNEL.match(stem)
+        m = _CHANNEL.fullmatch(stem)
         if m and f"{stem}_0000" not in present:
             images.setdefault(m.group(1), {})[int(m.group(2))] = folder / f"{stem}{ENDING}"
         else:

@@ -14,7 +14,6 @@ for layouts 2 and 3 and replaces the folder's own dataset.json in layout 1.
 """
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -23,9 +22,9 @@ from multitask_nnunet.class_labels import (CLASSIFICATION_KEY, EXAMPLE, check_on
                                            parse_class_folder, read_class_labels)
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.evaluation.regions import RegionSpec, regions_from_labels
+from multitask_nnunet.nifti import channel_pattern
 
 MASK_ENDING = ".nii.gz"
-IMAGE_CHANNEL = re.compile(r"_\d{4}" + re.escape(MASK_ENDING) + "$")
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ def _load_json(path: str) -> dict:
 def _masks_in(folder: str, ending: str, skip_images: bool = False) -> Dict[str, str]:
     """``skip_images``: the folder also holds the ``<case>_0000`` images (quiz layout)."""
     return {strip_ending(f, ending): os.path.join(folder, f) for f in sorted(os.listdir(folder))
-            if f.endswith(ending) and not (skip_images and IMAGE_CHANNEL.search(f))}
+            if f.endswith(ending) and not (skip_images and channel_pattern(ending).fullmatch(f))}
 
 
 def _regions_and_names(dataset: Optional[dict], source: Optional[str]):

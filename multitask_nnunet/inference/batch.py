@@ -46,7 +46,8 @@ from multitask_nnunet.errors import InputError
 from multitask_nnunet.inference.cases import InputCase, is_done, list_cases, part_of
 from multitask_nnunet.inference.class_rows import PARTS_FOLDER, ClassRows, known_extra_columns, known_rows
 from multitask_nnunet.inference.model_folder import DEFAULT_PLANS, DEFAULT_TRAINER, resolve_model_folder
-from multitask_nnunet.inference.options import (DEFAULT_CHECKPOINT, DEFAULT_SALIENCY_STAGE, DEFAULT_WORKERS,
+from multitask_nnunet.inference.options import (DEFAULT_CHECKPOINT, DEFAULT_SALIENCY_METHOD, DEFAULT_SALIENCY_STAGE,
+                                                DEFAULT_WORKERS, SALIENCY_METHODS,
                                                 BatchOptions, PredictorOptions)
 from multitask_nnunet.inference.timing import (EXPORT, MODEL_LOAD, NETWORK, PREPROCESS, READ, STARTUP, WRITE,
                                                Breakdown, overlap, process_start)
@@ -304,12 +305,15 @@ def add_parser(subparsers) -> None:
                    help="normalise and resample each case on the prediction device with torch, matching nnU-Net's "
                         "CPU preprocessing to float32 rounding (default: on with CUDA, off on CPU)")
     p.add_argument("--saliency", action="store_true",
-                   help="per case: <case>_saliency.nii.gz (Grad-CAM of the predicted class, input geometry), "
+                   help="per case: <case>_saliency.nii.gz (class activation map of the predicted class, input geometry), "
                         "<case>_pooling.nii.gz (the guided head's pooling weights) and <case>_saliency.png; "
                         "OUT_DIR/index.html shows all PNGs. Costs a forward and backward pass per fold and case")
     p.add_argument("--saliency-stage", type=int, default=DEFAULT_SALIENCY_STAGE, metavar="S",
-                   help=f"encoder stage for Grad-CAM (0 = highest resolution, negative from the end; default "
+                   help=f"encoder stage of the saliency map (0 = highest resolution, negative from the end; default "
                         f"{DEFAULT_SALIENCY_STAGE})")
+    p.add_argument("--saliency-method", default=DEFAULT_SALIENCY_METHOD, choices=SALIENCY_METHODS,
+                   help=f"hirescam: the gradient times the activation, per voxel; gradcam: Grad-CAM, whose channel "
+                        f"weights are the gradient's mean over the volume (default {DEFAULT_SALIENCY_METHOD})")
     p.add_argument("--no-calibration", action="store_true",
                    help="do not apply the folds' temperature scaling (fold_X/calibration.json, fitted in final "
                         "validation; models without it are never calibrated)")
@@ -335,7 +339,8 @@ def _run(args) -> int:
     model_dir = resolve_model_folder(args.m, args.d, args.c, args.tr, args.p)
     options = BatchOptions(PredictorOptions(args.f, args.chk, args.device, args.tta, args.mode, args.max_whole_voxels,
                                             args.device_preprocessing, saliency=args.saliency,
-                                            saliency_stage=args.saliency_stage, calibration=not args.no_calibration,
+                                            saliency_stage=args.saliency_stage,
+                                            saliency_method=args.saliency_method, calibration=not args.no_calibration,
                                             mc_dropout=args.mc_dropout, seg_uncertainty=args.seg_uncertainty),
                            args.overwrite, args.num_parts, args.part_id, args.continue_on_error, args.workers,
                            profile=args.profile)

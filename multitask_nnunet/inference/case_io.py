@@ -19,7 +19,7 @@ float NIfTI files are checked with nibabel before reading (integer images cannot
 twice), and it fills the missing voxels of a truncated file with 0, so every NIfTI file is first checked to be
 complete (``multitask_nnunet.nifti``).
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import nibabel
 import numpy as np
@@ -28,6 +28,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from multitask_nnunet.atomic import atomic_path
 from multitask_nnunet.errors import InputError, one_line
 from multitask_nnunet.nifti import check_complete
+
+if TYPE_CHECKING:
+    import torch
 
 
 class InferenceConfiguration(ConfigurationManager):

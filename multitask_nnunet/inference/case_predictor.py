@@ -18,7 +18,7 @@ Trust and explanation (issue 11): ``finish`` applies each fold's temperature (``
 multitask_nnunet.calibration) to that fold's class probabilities before the fold average, unless
 ``options.calibration`` is off or a fold has none; ``result.uncertainty`` holds the entropy and confidence of
 the result's probabilities (and the MC-dropout mutual information with ``options.mc_dropout``). With
-``options.saliency`` a separate pass with gradients (saliency.py) gives ``result.saliency`` (Grad-CAM) and
+``options.saliency`` a separate pass with gradients (saliency.py) gives ``result.saliency`` (HiResCAM or Grad-CAM) and
 ``result.pooling_weights`` (guided head), with ``options.seg_uncertainty`` ``result.seg_uncertainty``, all in the
 input's geometry (export.py), written by ``write_saliency`` etc. With all of them off, ``finish`` runs exactly
 the inference-mode path it ran before.
@@ -45,6 +45,7 @@ from multitask_nnunet.inference.model_folder import resolve_folds, resolve_model
 from multitask_nnunet.inference.options import PredictorOptions
 from multitask_nnunet.inference.predictor import MultitaskPredictor, NonFiniteOutputError, load_multitask_checkpoint
 from multitask_nnunet.inference.timing import EXPORT, NETWORK, PREPROCESS, READ
+from multitask_nnunet.nifti import channel_pattern
 
 SALIENCY, MC_DROPOUT = "saliency", "mc_dropout"  # the extra timings of --saliency and --mc-dropout
 
@@ -79,7 +80,7 @@ class CaseResult:
     timings: Dict[str, float]            # read, preprocess, network, export (s); + saliency, mc_dropout if on
     # explain and trust the class (issue 11): entropy and confidence always, mutual_information with MC dropout
     uncertainty: Dict[str, float] = field(default_factory=dict)
-    saliency: Optional[np.ndarray] = None         # Grad-CAM in [0, 1], float32, like ``segmentation`` (--saliency)
+    saliency: Optional[np.ndarray] = None         # HiResCAM/Grad-CAM in [0, 1], float32, like ``segmentation``
     pooling_weights: Optional[np.ndarray] = None  # SegGuidedHead's pooling weights in [0, 1], same (--saliency)
     seg_uncertainty: Optional[np.ndarray] = None  # per-voxel segmentation entropy in [0, 1], same
 
@@ -174,7 +175,7 @@ class CasePredictor:
         self.io.write_mask(result.segmentation, result.properties, path)
 
     def write_saliency(self, result: CaseResult, path: str) -> None:
-        """The Grad-CAM map (``options.saliency``), float32, in the input's geometry (case_io.write_map)."""
+        """The saliency map (``options.saliency``), float32, in the input's geometry (case_io.write_map)."""
         self._write_map(result.saliency, result, path, "saliency")
 
     def write_pooling_weights(self, result: CaseResult, path: str) -> None:
@@ -253,7 +254,8 @@ class CasePredictor:
         if self.options.saliency:
             t = time.perf_counter()
             from multitask_nnunet.inference.saliency import grad_cam
-            cam, pool = grad_cam(self.predictor, data, index, self.options.saliency_stage)
+            cam, pool = grad_cam(self.predictor, data, index, self.options.saliency_stage,
+                                 self.options.saliency_method)
             saliency = self._in_input_geometry(cam, case)
             pooling = None if pool is None else self._in_input_geometry(pool, case)
             timings[SALIENCY] = time.perf_counter() - t
@@ -267,4 +269,5 @@ class CasePredictor:
     def _name_from_file(self, file: str) -> str:
         base = os.path.basename(file)
         base = base[:-len(self.file_ending)] if base.endswith(self.file_ending) else os.path.splitext(base)[0]
-        return base[:-5] if len(base) > 5 and base[-5] == "_" and base[-4:].isdigit() else base
+        match = channel_pattern("").fullmatch(base)
+        return match.group(1) if match else base

@@ -6,11 +6,11 @@ names alone, so that they fail before the model is loaded; each is reported for 
 has no case, for the file), so that ``--continue-on-error`` can predict the other cases.
 """
 import os
-import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from multitask_nnunet.errors import InputError
+from multitask_nnunet.nifti import channel_pattern
 
 
 SALIENCY, POOLING, SEG_UNCERTAINTY = "_saliency", "_pooling", "_seg_uncertainty"  # suffixes of the extra outputs
@@ -36,11 +36,6 @@ class InputCase:
     @property
     def pooling_name(self) -> str:
         return self.name + POOLING + self.file_ending
-
-
-def channel_pattern(*file_endings: str) -> "re.Pattern":
-    """``<case>_XXXX<ending>`` for any of ``file_endings``: groups case, channel (4 digits), ending."""
-    return re.compile(r"(.+)_(\d{4})(" + "|".join(re.escape(e) for e in file_endings) + ")")
 
 
 def list_cases(folder: str, file_ending: str, channel_names: Dict[str, str]) -> Tuple[List[InputCase], Dict[str, str]]:

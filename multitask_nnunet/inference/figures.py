@@ -4,7 +4,7 @@ A case's PNG has three orthogonal slices (the image's three array axes) through 
 of the highest label in the predicted mask (the structure that carries the class in a label hierarchy; the
 lesion for pancreas + lesion), or, without any foreground, the saliency peak. Each panel shows the image in
 grey (a soft-tissue window, W 400 / L 40 HU, when the image looks like CT in HU, i.e. it spans -500..100;
-otherwise its 0.5-99.5 percentiles), the mask's contour per label, and the Grad-CAM heatmap (transparent below
+otherwise its 0.5-99.5 percentiles), the mask's contour per label, and the saliency heatmap (transparent below
 0.1 of its peak); the title holds the class probabilities, the predicted class and the entropy. Pixels are
 drawn with the image's spacing.
 """

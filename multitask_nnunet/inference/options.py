@@ -12,6 +12,8 @@ from multitask_nnunet.errors import InputError
 DEFAULT_WORKERS = max(1, min(3, (os.cpu_count() or 2) - 1))
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 DEFAULT_SALIENCY_STAGE = -2  # the stage before the bottleneck
+SALIENCY_METHODS = ("gradcam", "hirescam")  # saliency.py
+DEFAULT_SALIENCY_METHOD = "hirescam"  # more of its mass in the lesion than Grad-CAM's (TechReport 6.5)
 
 
 @dataclass(frozen=True)
@@ -25,8 +27,9 @@ class PredictorOptions:
     max_whole_voxels: Optional[int] = None               # auto mode's whole-volume limit (None: the predictor's)
     device_preprocessing: Optional[bool] = None          # normalise and resample on the device (None: on CUDA)
     # explain and trust the class (issue 11; saliency.py, multitask_nnunet/calibration.py)
-    saliency: bool = False                               # Grad-CAM (+ the guided head's pooling weights) per case
-    saliency_stage: int = DEFAULT_SALIENCY_STAGE         # encoder stage Grad-CAM is taken at (negative: from the end)
+    saliency: bool = False                               # a class activation map (+ the guided head's pooling weights)
+    saliency_stage: int = DEFAULT_SALIENCY_STAGE         # encoder stage the map is taken at (negative: from the end)
+    saliency_method: str = DEFAULT_SALIENCY_METHOD       # one of SALIENCY_METHODS
     calibration: bool = True                             # apply fold_X/calibration.json's temperature if there
     mc_dropout: int = 0                                  # N > 0: N more passes, head dropout on (mutual information)
     seg_uncertainty: bool = False                        # per-voxel entropy of the segmentation, in input geometry
@@ -36,6 +39,8 @@ class PredictorOptions:
             object.__setattr__(self, "folds", tuple(self.folds))
         if self.mc_dropout < 0:
             raise InputError(f"--mc-dropout {self.mc_dropout}: need 0 (off) or a number of passes")
+        if self.saliency_method not in SALIENCY_METHODS:
+            raise InputError(f"--saliency-method {self.saliency_method}: choose one of {', '.join(SALIENCY_METHODS)}")
 
 
 @dataclass(frozen=True)

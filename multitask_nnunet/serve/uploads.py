@@ -14,7 +14,8 @@ from typing import Dict, List, Optional, Tuple
 
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
-from multitask_nnunet.inference.cases import channel_pattern
+from multitask_nnunet.nifti import channel_pattern
+
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 EMPTY = "empty request: upload one NIfTI file (.nii or .nii.gz) per channel as multipart/form-data"

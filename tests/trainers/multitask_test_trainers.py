@@ -7,7 +7,9 @@ from multitask_nnunet import MultitasknnUNetTrainer
 
 
 class MultitasknnUNetTrainer_TestShort(MultitasknnUNetTrainer):
-    """Three epochs, one per curriculum phase, of four iterations each."""
+    """Three epochs, one per curriculum phase, of four iterations each; the final validation without
+    mirroring."""
+    final_validation_mirroring = False
     seg_warmup_epochs = 1
     phase1_epochs = 2
     head_warmup_epochs = 1
@@ -25,3 +27,6 @@ class MultitasknnUNetTrainer_TestShortGAP(MultitasknnUNetTrainer_TestShort):
     head_class = "GAPHead"
     separate_head_optimizer = False
     grad_clip_norm = 1.0
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """None: the head round trip (test_training.py) reads only the checkpoint."""
