@@ -193,8 +193,9 @@ def test_every_head_round_trips_through_checkpoint_and_predict(request, tmp_path
     run(ours("predict", "-i", images, "-o", tmp_path / "ours", "-m", model_dir, "-f", "0", "--device", "cpu"),
         preprocessed.env)
     assert len(read_csv(tmp_path / "ours" / "subtype_results.csv")) == 2
+    # -npp 0 -nps 0: nnU-Net's sequential path, without worker processes
     run(nnunet("nnUNetv2_predict", "-i", images, "-o", tmp_path / "stock", "-d", DATASET_ID, "-c", CONFIG, "-f", "0",
-               "-tr", trainer, "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"),
+               "-tr", trainer, "-p", PLANS, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"),
         preprocessed.env)
     assert len(list((tmp_path / "stock").glob("*.nii.gz"))) == 2
 
