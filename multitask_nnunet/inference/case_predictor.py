@@ -253,9 +253,9 @@ class CasePredictor:
         saliency = pooling = None
         if self.options.saliency:
             t = time.perf_counter()
-            from multitask_nnunet.inference.saliency import grad_cam
-            cam, pool = grad_cam(self.predictor, data, index, self.options.saliency_stage,
-                                 self.options.saliency_method)
+            from multitask_nnunet.inference.saliency import class_activation_map
+            cam, pool = class_activation_map(self.predictor, data, index, self.options.saliency_stage,
+                                             self.options.saliency_method)
             saliency = self._in_input_geometry(cam, case)
             pooling = None if pool is None else self._in_input_geometry(pool, case)
             timings[SALIENCY] = time.perf_counter() - t

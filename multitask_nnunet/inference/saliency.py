@@ -31,6 +31,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from torch.nn import functional as F
 
 from multitask_nnunet.errors import InputError
+from multitask_nnunet.inference.options import DEFAULT_SALIENCY_METHOD
 
 
 def _normalised(x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +46,8 @@ def resolve_stage(num_stages: int, stage: int) -> int:
     return stage % num_stages
 
 
-def grad_cam(predictor, data: torch.Tensor, class_index: int, stage: int,
-             method: str = "gradcam") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def class_activation_map(predictor, data: torch.Tensor, class_index: int, stage: int,
+                         method: str = DEFAULT_SALIENCY_METHOD) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(the class activation map of ``method`` (x, y, z) in [0, 1], the head's pooling weights (x, y, z) in
     [0, 1] or None for a head without them) on the preprocessed grid of ``data`` (c, x, y, z), averaged over the
     predictor's folds, on the CPU. ``method``: one of options.SALIENCY_METHODS."""

@@ -126,9 +126,9 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
     seed = None
 
     # ---- final validation ------------------------------------------------------------------------------
-    #: mirroring TTA in the final validation (nnU-Net's: on). Off costs 1/8 of the network passes in 3d and
-    #: matches ``multitask-nnunet predict``'s default (no TTA), whose probabilities the fitted calibration
-    #: then describes; the demo and the tests turn it off to save CPU minutes
+    #: mirroring TTA in the final validation (nnU-Net's: on). Off needs 1/8 of the network passes in 3d and
+    #: gives the probabilities of ``multitask-nnunet predict``'s default (no TTA), which the fitted calibration
+    #: is then applied to; the demo and the tests turn it off to save CPU minutes
     final_validation_mirroring = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
