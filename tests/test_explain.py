@@ -1,5 +1,5 @@
-"""Issue 11, explain and trust the class: ``predict --saliency`` (HiResCAM or Grad-CAM NIfTI in the input's geometry, PNGs,
-index.html), uncertainty (entropy, confidence, MC-dropout mutual information, per-voxel segmentation entropy),
+"""Issue 11, explain and trust the class: ``predict --saliency`` (HiResCAM or Grad-CAM NIfTI in the input's
+geometry, PNGs, index.html), uncertainty (entropy, confidence, MC-dropout mutual information, per-voxel segmentation entropy),
 temperature scaling fitted in final validation and applied by ``predict``, and ``evaluate``'s probability
 metrics (ROC-AUC, Brier, ECE, reliability diagram). The CLIs run as subprocesses on the session's tiny model."""
 import csv
@@ -256,6 +256,10 @@ def test_both_saliency_methods_in_process(trained):
     from multitask_nnunet.inference.options import PredictorOptions
 
     truth = {r[0]: int(r[1]) for r in list(csv.reader(open(trained.source / "test_labels" / "classes.csv")))[1:]}
+    image = sorted((trained.source / "test").glob("*_0000.nii.gz"))[0]
+    case = image.name.replace("_0000.nii.gz", "")
+    lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(trained.source / "test_labels" / f"{case}.nii.gz")))
+    dilated = binary_dilation(lesion == 2, iterations=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(int(trained.env["OMP_NUM_THREADS"]))
     try:
@@ -263,14 +267,10 @@ def test_both_saliency_methods_in_process(trained):
         for method in ("hirescam", "gradcam"):
             predictor = CasePredictor(trained.results, PredictorOptions(device="cpu", saliency=True,
                                                                         saliency_method=method))
-            image = sorted((trained.source / "test").glob("*_0000.nii.gz"))[0]
-            case = image.name.replace("_0000.nii.gz", "")
             result = predictor.predict_case([str(image)])
             assert result.class_index == truth[case + ".nii.gz"], "the case must be classified correctly"
             assert result.saliency.shape == result.segmentation.shape and result.saliency.dtype == np.float32
             assert result.saliency.min() >= 0 and result.saliency.max() == pytest.approx(1.0)
-            lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(trained.source / "test_labels" / f"{case}.nii.gz")))
-            dilated = binary_dilation(lesion == 2, iterations=2)
             shares[method] = float(result.saliency[dilated].sum() / result.saliency.sum())
     finally:
         torch.set_num_threads(threads)

@@ -62,8 +62,9 @@ def _load_json(path: str) -> dict:
 
 def _masks_in(folder: str, ending: str, skip_images: bool = False) -> Dict[str, str]:
     """``skip_images``: the folder also holds the ``<case>_0000`` images (quiz layout)."""
+    image = channel_pattern(ending)
     return {strip_ending(f, ending): os.path.join(folder, f) for f in sorted(os.listdir(folder))
-            if f.endswith(ending) and not (skip_images and channel_pattern(ending).fullmatch(f))}
+            if f.endswith(ending) and not (skip_images and image.fullmatch(f))}
 
 
 def _regions_and_names(dataset: Optional[dict], source: Optional[str]):

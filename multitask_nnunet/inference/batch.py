@@ -305,7 +305,8 @@ def add_parser(subparsers) -> None:
                    help="normalise and resample each case on the prediction device with torch, matching nnU-Net's "
                         "CPU preprocessing to float32 rounding (default: on with CUDA, off on CPU)")
     p.add_argument("--saliency", action="store_true",
-                   help="per case: <case>_saliency.nii.gz (class activation map of the predicted class, input geometry), "
+                   help="per case: <case>_saliency.nii.gz (class activation map of the predicted class, input "
+                        "geometry), "
                         "<case>_pooling.nii.gz (the guided head's pooling weights) and <case>_saliency.png; "
                         "OUT_DIR/index.html shows all PNGs. Costs a forward and backward pass per fold and case")
     p.add_argument("--saliency-stage", type=int, default=DEFAULT_SALIENCY_STAGE, metavar="S",

@@ -18,8 +18,8 @@ Trust and explanation (issue 11): ``finish`` applies each fold's temperature (``
 multitask_nnunet.calibration) to that fold's class probabilities before the fold average, unless
 ``options.calibration`` is off or a fold has none; ``result.uncertainty`` holds the entropy and confidence of
 the result's probabilities (and the MC-dropout mutual information with ``options.mc_dropout``). With
-``options.saliency`` a separate pass with gradients (saliency.py) gives ``result.saliency`` (HiResCAM or Grad-CAM) and
-``result.pooling_weights`` (guided head), with ``options.seg_uncertainty`` ``result.seg_uncertainty``, all in the
+``options.saliency`` a separate pass with gradients (saliency.py) gives ``result.saliency`` (HiResCAM or
+Grad-CAM) and ``result.pooling_weights`` (guided head), with ``options.seg_uncertainty`` ``result.seg_uncertainty``, all in the
 input's geometry (export.py), written by ``write_saliency`` etc. With all of them off, ``finish`` runs exactly
 the inference-mode path it ran before.
 
@@ -48,6 +48,7 @@ from multitask_nnunet.inference.timing import EXPORT, NETWORK, PREPROCESS, READ
 from multitask_nnunet.nifti import channel_pattern
 
 SALIENCY, MC_DROPOUT = "saliency", "mc_dropout"  # the extra timings of --saliency and --mc-dropout
+_CHANNEL = channel_pattern("")  # a file name without its ending: <case>_XXXX
 
 Images = Union[str, Sequence[str], np.ndarray]
 
@@ -269,5 +270,5 @@ class CasePredictor:
     def _name_from_file(self, file: str) -> str:
         base = os.path.basename(file)
         base = base[:-len(self.file_ending)] if base.endswith(self.file_ending) else os.path.splitext(base)[0]
-        match = channel_pattern("").fullmatch(base)
+        match = _CHANNEL.fullmatch(base)
         return match.group(1) if match else base
