@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,13 +20,49 @@ def nnunet(command: str, *args) -> list:
     return [str(BIN / command), *map(str, args)]
 
 
+def _checked(result: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, result.args))} exited {result.returncode}\n--- stdout\n"
+                             f"{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}")
+    return result
+
+
 def run(cmd: list, env: dict, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout,
                             stdin=subprocess.DEVNULL)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
-                             f"\n--- stderr\n{result.stderr[-4000:]}")
-    return result
+    return _checked(result, check)
+
+
+class Started:
+    """A command started in the background (its output in temporary files, so it never blocks on a full pipe);
+    ``result()`` waits for it and returns what ``run`` would have."""
+
+    def __init__(self, cmd: list, env: dict):
+        self.cmd = cmd
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(cmd, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=self._out,
+                                        stderr=self._err, text=True)
+
+    def result(self, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+        try:
+            self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        outputs = []
+        for f in (self._out, self._err):
+            f.seek(0)
+            outputs.append(f.read())
+            f.close()
+        return _checked(subprocess.CompletedProcess(self.cmd, self.process.returncode, *outputs), check)
+
+
+def run_at_once(cmds: list, env: dict, timeout: int = 900, check: bool = True) -> list:
+    """``run`` for independent commands, started together: on 2 cores two processes overlap their start-up
+    (imports, model load), which is single-threaded, with each other's work."""
+    started = [Started(cmd, env) for cmd in cmds]
+    return [s.result(timeout, check) for s in started]
 
 
 def kill_when(cmd: list, env: dict, condition, timeout: float = 600):

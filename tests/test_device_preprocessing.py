@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli import ours, run
+from cli import ours, run_at_once
 
 REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct"
 REAL_CASES = ("quiz_512", "quiz_130")  # 2 mm and 3 mm slices (3 mm: anisotropic, resampled per slice, then z)
@@ -96,11 +96,9 @@ def test_predict_with_device_preprocessing_matches_the_default(trained, tmp_path
     (tmp_path / "in").mkdir()
     for image in images:
         (tmp_path / "in" / image.name).symlink_to(image)
-    outputs = {}
-    for name, extra in (("cpu", ["--no-device-preprocessing"]), ("device", ["--device-preprocessing"])):
-        outputs[name] = tmp_path / name
-        run(ours("predict", "-i", tmp_path / "in", "-o", outputs[name], "-m", trained.results, "--device", "cpu",
-                 *extra), trained.env)
+    outputs = {name: tmp_path / name for name in ("cpu", "device")}
+    run_at_once([ours("predict", "-i", tmp_path / "in", "-o", outputs[name], "-m", trained.results, "--device", "cpu",
+                      f"--{'no-' if name == 'cpu' else ''}device-preprocessing") for name in outputs], trained.env)
     for image in images:
         name = image.name.replace("_0000", "")
         masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(outputs[k] / name))) for k in ("cpu", "device")]

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli import ours, run
+from cli import Started, ours, run, run_at_once
 from test_evaluation import CASES, PRED, write_predictions, write_quiz_truth
+from test_inference import predict, predict_cmd
 
 # ---------------------------------------------------------------- pure: calibration maths and the CSV format
 
@@ -98,11 +99,6 @@ def test_evaluate_probability_metrics_hand_computed(tmp_path):
 EXPLAIN_FLAGS = ("--saliency", "--seg-uncertainty", "--mc-dropout", "2")
 
 
-def predict(pipeline, input_dir, output_dir, *extra):
-    return run(ours("predict", "-i", input_dir, "-o", output_dir, "-m", pipeline.results, "--device", "cpu", *extra),
-               pipeline.env)
-
-
 def read_rows(path) -> list:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -121,8 +117,9 @@ def mtimes(folder) -> dict:
 def explained(trained, tmp_path_factory):
     """The synthetic test images predicted with every option of issue 11 on, and once with --no-calibration."""
     root = tmp_path_factory.mktemp("explain")
-    predict(trained, trained.source / "test", root / "explain", *EXPLAIN_FLAGS, "--profile", root / "profile.json")
-    predict(trained, trained.source / "test", root / "plain", "--no-calibration")
+    run_at_once([predict_cmd(trained, trained.source / "test", root / "explain", *EXPLAIN_FLAGS, "--profile",
+                             root / "profile.json"),
+                 predict_cmd(trained, trained.source / "test", root / "plain", "--no-calibration")], trained.env)
     return root
 
 
@@ -203,13 +200,16 @@ def test_saliency_maps_geometry_figures_and_lesion_mass(trained, explained):
 
 
 def test_resume_and_overwrite_with_the_extra_outputs(trained, explained, tmp_path):
+    plain = tmp_path / "plain"  # a folder predicted without them: every case is redone when they are asked for
+    shutil.copytree(explained / "plain", plain)
+    plain_rerun = Started(predict_cmd(trained, trained.source / "test", plain, "--mc-dropout", "1"), trained.env)
     out = tmp_path / "out"
     shutil.copytree(explained / "explain", out)
     before = mtimes(out)
-    rerun = predict(trained, trained.source / "test", out, *EXPLAIN_FLAGS)
-    assert "6 case(s): 0 to predict, 6 already done" in rerun.stdout and mtimes(out) == before
-    rerun = predict(trained, trained.source / "test", out)  # asking for less: done as well
-    assert "6 case(s): 0 to predict, 6 already done" in rerun.stdout
+    # the same request, and one asking for less: both find every case done and write nothing
+    reruns = run_at_once([predict_cmd(trained, trained.source / "test", out, *EXPLAIN_FLAGS),
+                          predict_cmd(trained, trained.source / "test", out)], trained.env)
+    assert all("6 case(s): 0 to predict, 6 already done" in r.stdout for r in reruns) and mtimes(out) == before
 
     png = sorted(n for n in before if n.endswith("_saliency.png"))[1]
     (out / png).unlink()  # one requested output missing: that case only is redone
@@ -221,9 +221,7 @@ def test_resume_and_overwrite_with_the_extra_outputs(trained, explained, tmp_pat
                                               "_seg_uncertainty.nii.gz")} | {"subtype_results.csv",
                                                                              "class_probabilities.csv"}
 
-    plain = tmp_path / "plain"  # a folder predicted without them: every case is redone when they are asked for
-    shutil.copytree(explained / "plain", plain)
-    rerun = predict(trained, trained.source / "test", plain, "--mc-dropout", "1")
+    rerun = plain_rerun.result()
     assert "6 case(s): 6 to predict, 0 already done" in rerun.stdout
     assert "mutual_information" in read_rows(plain / "class_probabilities.csv")[0]
 
@@ -234,14 +232,12 @@ def test_resume_and_overwrite_with_the_extra_outputs(trained, explained, tmp_pat
 
 
 def test_bad_options_are_one_line_errors(trained, tmp_path):
-    result = run(ours("predict", "-i", trained.source / "test", "-o", tmp_path / "o", "-m", trained.results,
-                      "--device", "cpu", "--mc-dropout", "-1"), trained.env, check=False)
-    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
-        "multitask-nnunet predict: error: --mc-dropout -1")
-    result = run(ours("predict", "-i", trained.source / "test", "-o", tmp_path / "o", "-m", trained.results,
-                      "--device", "cpu", "--saliency", "--saliency-stage", "40"), trained.env, check=False)
-    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
-        "multitask-nnunet predict: error: --saliency-stage 40")
+    bad = {"--mc-dropout -1": ["--mc-dropout", "-1"], "--saliency-stage 40": ["--saliency", "--saliency-stage", "40"]}
+    results = run_at_once([predict_cmd(trained, trained.source / "test", tmp_path / "o", *extra)
+                           for extra in bad.values()], trained.env, check=False)
+    for message, result in zip(bad, results):
+        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
+            f"multitask-nnunet predict: error: {message}"), message
 
 
 def test_both_saliency_methods_in_process(trained):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli import kill_when, ours, run
+from cli import kill_when, ours, run, run_at_once
 from damage import truncate
 
 REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct"
@@ -147,8 +147,9 @@ def test_whole_volume_and_sliding_window_agree(trained, tmp_path):
     (tmp_path / "small").mkdir()
     sitk.WriteImage(sitk.RegionOfInterest(image, size, start), str(tmp_path / "small" / image_path.name))
 
-    logs = {mode: predict(trained, tmp_path / "small", tmp_path / mode, "--mode", mode).stdout
-            for mode in ("whole", "sliding")}
+    modes = ("whole", "sliding")
+    logs = dict(zip(modes, (r.stdout for r in run_at_once(
+        [predict_cmd(trained, tmp_path / "small", tmp_path / mode, "--mode", mode) for mode in modes], trained.env))))
     case = image_path.name.replace("_0000.nii.gz", "")
     assert f"{case}: whole, class" in logs["whole"] and f"{case}: sliding, class" in logs["sliding"]
     name = image_path.name.replace("_0000", "")
@@ -181,9 +182,17 @@ def write_bad_inputs(folder: Path, good: Path) -> dict:
 def test_bad_inputs(trained, tmp_path):
     good = sorted((trained.source / "test").glob("*_0000.nii.gz"))[0]
     expected = write_bad_inputs(tmp_path / "bad", good)
+    shutil.copytree(tmp_path / "bad", tmp_path / "bad2")  # for the third run, without the naming problems
+    for name in ("d_no_channel_suffix.nii.gz", "e_wrong_channel_0001.nii.gz", "c_nan_0000.nii.gz"):
+        (tmp_path / "bad2" / name).unlink()
+    # the three runs are independent: they go at once
+    naming, continued, stopped = run_at_once(
+        [predict_cmd(trained, tmp_path / "bad", tmp_path / "out"),
+         predict_cmd(trained, tmp_path / "bad", tmp_path / "out_continued", "--continue-on-error"),
+         predict_cmd(trained, tmp_path / "bad2", tmp_path / "out2")], trained.env, check=False)
 
     # naming problems are found from the file names, before the model is loaded
-    result = predict(trained, tmp_path / "bad", tmp_path / "out", check=False)
+    result = naming
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"multitask-nnunet predict: error: {expected['naming']} "
                                                   f"(nnU-Net channel naming, e.g. d_no_channel_suffix_0000.nii.gz "
@@ -191,23 +200,21 @@ def test_bad_inputs(trained, tmp_path):
     assert not (tmp_path / "out").exists()
 
     # --continue-on-error: the good case is predicted, every failure reported on its own line
-    result = predict(trained, tmp_path / "bad", tmp_path / "out", "--continue-on-error", check=False)
+    result = continued
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("multitask-nnunet predict: error: ")]
     assert len(errors) == 4
     for kind, text in expected.items():
         assert sum(text in line for line in errors) == 1, kind
     assert "missing e_wrong_channel_0000.nii.gz" in result.stderr
-    assert (tmp_path / "out" / "a_good.nii.gz").is_file()
-    assert list(probabilities(tmp_path / "out")) == ["a_good.nii.gz"]
+    assert (tmp_path / "out_continued" / "a_good.nii.gz").is_file()
+    assert list(probabilities(tmp_path / "out_continued")) == ["a_good.nii.gz"]
 
     # without it, the first bad case stops the run; the cases finished before it are kept
-    for name in ("d_no_channel_suffix.nii.gz", "e_wrong_channel_0001.nii.gz", "c_nan_0000.nii.gz"):
-        (tmp_path / "bad" / name).unlink()
-    result = predict(trained, tmp_path / "bad", tmp_path / "out2", check=False)
+    result = stopped
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(f"multitask-nnunet predict: error: "
-                                                             f"{expected['unreadable']}")
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"multitask-nnunet predict: error: {tmp_path / 'bad2' / 'b_unreadable_0000.nii.gz'}: cannot read image")
     assert list(probabilities(tmp_path / "out2")) == ["a_good.nii.gz"]
 
 
@@ -225,7 +232,10 @@ def test_truncated_image_fails_its_case_only(trained, tmp_path):
         shutil.copy(source, tmp_path / "in" / f"{name}_0000.nii.gz")
         truncate(tmp_path / "in" / f"{name}_0000.nii.gz")
 
-    result = predict(trained, tmp_path / "in", tmp_path / "out", "--continue-on-error", check=False)
+    shutil.copytree(tmp_path / "in", tmp_path / "in2")  # without the good case, for the run without
+    (tmp_path / "in2" / "a_good_0000.nii.gz").unlink()     # --continue-on-error; the two runs go at once
+    result, stopped = run_at_once([predict_cmd(trained, tmp_path / "in", tmp_path / "out", "--continue-on-error"),
+                                   predict_cmd(trained, tmp_path / "in2", tmp_path / "out2")], trained.env, check=False)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("multitask-nnunet predict: error: ")]
     assert [e.split(": truncated or damaged file: ")[0] for e in errors] == \
@@ -234,11 +244,10 @@ def test_truncated_image_fails_its_case_only(trained, tmp_path):
     assert list(probabilities(tmp_path / "out")) == ["a_good.nii.gz"]
     assert [r[0] for r in read_csv(tmp_path / "out" / "subtype_results.csv")[1:]] == ["a_good.nii.gz"]
 
-    (tmp_path / "in" / "a_good_0000.nii.gz").unlink()  # without --continue-on-error: the first bad case stops it
-    result = predict(trained, tmp_path / "in", tmp_path / "out2", check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"multitask-nnunet predict: error: {tmp_path / 'in' / 'b_half_0000.nii.gz'}: truncated or damaged file: ")
+    # without --continue-on-error: the first bad case stops it
+    assert stopped.returncode == 1
+    assert stopped.stderr.strip().splitlines()[-1].startswith(
+        f"multitask-nnunet predict: error: {tmp_path / 'in2' / 'b_half_0000.nii.gz'}: truncated or damaged file: ")
     assert not list((tmp_path / "out2").glob("*.nii.gz"))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli import nnunet, ours, run
+from cli import nnunet, ours, run, run_at_once
 from multitask_nnunet.heads import HEADS
 from conftest import CONFIG, DATASET_ID, PLANS, TRAINER, load_json, nnunet_env
 
@@ -190,13 +190,12 @@ def test_every_head_round_trips_through_checkpoint_and_predict(request, tmp_path
     images.mkdir()
     for p in sorted((preprocessed.source / "test").glob("*_0000.nii.gz"))[:2]:
         shutil.copy(p, images / p.name)
-    run(ours("predict", "-i", images, "-o", tmp_path / "ours", "-m", model_dir, "-f", "0", "--device", "cpu"),
-        preprocessed.env)
+    # ours and stock at once; -npp 0 -nps 0: nnU-Net's sequential path, without worker processes
+    run_at_once([ours("predict", "-i", images, "-o", tmp_path / "ours", "-m", model_dir, "-f", "0", "--device", "cpu"),
+                 nnunet("nnUNetv2_predict", "-i", images, "-o", tmp_path / "stock", "-d", DATASET_ID, "-c", CONFIG,
+                        "-f", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", "-npp", "0", "-nps", "0",
+                        "--disable_tta")], preprocessed.env)
     assert len(read_csv(tmp_path / "ours" / "subtype_results.csv")) == 2
-    # -npp 0 -nps 0: nnU-Net's sequential path, without worker processes
-    run(nnunet("nnUNetv2_predict", "-i", images, "-o", tmp_path / "stock", "-d", DATASET_ID, "-c", CONFIG, "-f", "0",
-               "-tr", trainer, "-p", PLANS, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"),
-        preprocessed.env)
     assert len(list((tmp_path / "stock").glob("*.nii.gz"))) == 2
 
 

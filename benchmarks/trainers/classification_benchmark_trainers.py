@@ -9,6 +9,9 @@ classes. Each one only sets the schedule, read from environment variables that t
     MULTITASK_BENCH_VAL_ITERATIONS    num_val_iterations_per_epoch
 
 - ``nnUNetTrainer_ClsBench``: stock nnU-Net, segmentation only (the Dice reference).
+- ``nnUNetTrainer_ClsBenchRepeat`` and ``MultitasknnUNetTrainer_ClsBenchRepeat``: the same two once more, under
+  other names so that the benchmark trains them again: nnU-Net's training is not seeded, so a repeat is an
+  independent draw of the run-to-run spread.
 - ``MultitasknnUNetTrainer_ClsBenchGAP``: the seed's head (global average pooling of the bottleneck) with
   nnU-Net's optimizer: the classification reference.
 - ``MultitasknnUNetTrainer_ClsBench``: the package's default head, optimizer and curriculum.
@@ -30,7 +33,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from multitask_nnunet import MultitasknnUNetTrainer
 
-__all__ = ["nnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchGAP", "MultitasknnUNetTrainer_ClsBench",
+__all__ = ["nnUNetTrainer_ClsBench", "nnUNetTrainer_ClsBenchRepeat", "MultitasknnUNetTrainer_ClsBenchGAP",
+           "MultitasknnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchRepeat",
            "MultitasknnUNetTrainer_ClsBenchTF", "MultitasknnUNetTrainer_ClsBenchTF50",
            "MultitasknnUNetTrainer_ClsBenchSegNeutral"]
 
@@ -51,6 +55,10 @@ class nnUNetTrainer_ClsBench(nnUNetTrainer):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _set_schedule(self)
+
+
+class nnUNetTrainer_ClsBenchRepeat(nnUNetTrainer_ClsBench):
+    """``nnUNetTrainer_ClsBench`` again: an independent stock run on the same data and schedule."""
 
 
 def _scale_curriculum(trainer, seg_warmup: float, phase1: float) -> None:
@@ -88,6 +96,10 @@ class MultitasknnUNetTrainer_ClsBench(MultitasknnUNetTrainer):
         _set_schedule(self)
         _scale_curriculum(self, MultitasknnUNetTrainer.seg_warmup_epochs / 1000,
                           MultitasknnUNetTrainer.phase1_epochs / 1000)
+
+
+class MultitasknnUNetTrainer_ClsBenchRepeat(MultitasknnUNetTrainer_ClsBench):
+    """``MultitasknnUNetTrainer_ClsBench`` again: an independent run of the default on the same data and schedule."""
 
 
 class MultitasknnUNetTrainer_ClsBenchTF(MultitasknnUNetTrainer_ClsBench):
