@@ -28,7 +28,9 @@ Measured per trainer:
 - final validation (every validation case, sliding window + TTA): macro-F1
   (``validation/classification_summary.json``) and nnU-Net's Dice (``validation/summary.json``);
 - test: macro-F1, mean Dice of the whole region and of the lesion, and each multitask trainer's Dice minus
-  stock's.
+  stock's, twice: as predicted in step 4 (auto mode may run a crop larger than the patch as one whole-volume
+  pass), and at equal inference, from a second prediction with ``--tta --mode sliding`` (stock's sliding window,
+  step 0.5, and mirroring; ``predictions_sliding/<trainer>``).
 The table is printed at the end; ``--json FILE`` writes every figure, the settings and the machine.
 
 Reruns reuse every finished step: the data (per seed and case counts) under ``WORKDIR/data_*``, and each
@@ -282,6 +284,18 @@ def predict_and_evaluate(args, trainer: str, multitask: bool, model: Path, plans
         result.update({"test_macro_f1": None,
                        "test_dice": segmentation_dice(out, source / "test_labels", raw / "dataset.json")})
     result["test_dice_whole"], result["test_dice_lesion"] = whole_and_lesion(result["test_dice"], raw)
+    if multitask:  # stock's inference too (sliding window, step 0.5, mirroring): Dice at equal inference
+        sliding = run_dir / "predictions_sliding" / trainer
+        record_file = run_dir / "records" / f"{trainer}_predict_sliding.json"
+        if not record_file.is_file():
+            save({"predict_seconds": run([*cmd[:cmd.index("-o") + 1], str(sliding), *cmd[cmd.index("-o") + 2:], "--mode",
+                                          "sliding"], env, run_dir / "logs" / f"{trainer}_predict_sliding.log")},
+                 record_file)
+        result["test_dice_sliding"] = segmentation_dice(sliding, source / "test_labels", raw / "dataset.json")
+    else:
+        result["test_dice_sliding"] = result["test_dice"]
+    result["test_dice_whole_sliding"], result["test_dice_lesion_sliding"] = \
+        whole_and_lesion(result["test_dice_sliding"], raw)
     return result
 
 
@@ -345,11 +359,14 @@ def table(results: dict) -> str:
         lines.append(f"  {'':<36} lesion {compact(r['val_pseudo_dice_lesion_per_epoch'])}")
     stock = results.get(STOCK_TRAINER)
     if stock:
-        lines.append(f"\ntest Dice minus stock {STOCK_TRAINER} (whole, lesion):")
+        lines.append(f"\ntest Dice minus stock {STOCK_TRAINER} (whole, lesion), as predicted above | at equal "
+                     f"inference (ours with --tta --mode sliding, as stock's nnUNetv2_predict):")
         for trainer, r in results.items():
             if trainer != STOCK_TRAINER:
                 lines.append(f"  {trainer:<36} {r['test_dice_whole'] - stock['test_dice_whole']:+.4f}  "
-                             f"{r['test_dice_lesion'] - stock['test_dice_lesion']:+.4f}")
+                             f"{r['test_dice_lesion'] - stock['test_dice_lesion']:+.4f} | "
+                             f"{r['test_dice_whole_sliding'] - stock['test_dice_whole']:+.4f}  "
+                             f"{r['test_dice_lesion_sliding'] - stock['test_dice_lesion']:+.4f}")
     lines.append("\ntest-time augmentation: " + "; ".join(sorted({r["test_tta"] for r in results.values()})))
     return "\n".join(lines)
 
