@@ -255,9 +255,12 @@ def training_figures(model: Path, multitask: bool) -> dict:
 def predict_and_evaluate(args, trainer: str, multitask: bool, model: Path, plans: str, source: Path, raw: Path,
                          run_dir: Path, env: dict) -> dict:
     out = run_dir / "predictions" / trainer
-    if multitask:  # mirroring on, like stock's default, so that the masks are compared at equal TTA
-        cmd = command("multitask-nnunet", "predict", "-i", source / "test", "-o", out, "-m", model, "-f", "0",
-                      "--device", args.device, "--tta")
+    def ours(folder: Path, *extra) -> list:  # mirroring on, like stock's default: masks compared at equal TTA
+        return command("multitask-nnunet", "predict", "-i", source / "test", "-o", folder, "-m", model, "-f", "0",
+                       "--device", args.device, "--tta", *extra)
+
+    if multitask:
+        cmd = ours(out)
         tta = "mirroring (multitask-nnunet predict --tta, auto mode)"
     else:
         n_proc = "1" if args.device == "cpu" else "3"
@@ -288,9 +291,8 @@ def predict_and_evaluate(args, trainer: str, multitask: bool, model: Path, plans
         sliding = run_dir / "predictions_sliding" / trainer
         record_file = run_dir / "records" / f"{trainer}_predict_sliding.json"
         if not record_file.is_file():
-            save({"predict_seconds": run([*cmd[:cmd.index("-o") + 1], str(sliding), *cmd[cmd.index("-o") + 2:], "--mode",
-                                          "sliding"], env, run_dir / "logs" / f"{trainer}_predict_sliding.log")},
-                 record_file)
+            save({"predict_seconds": run(ours(sliding, "--mode", "sliding"), env,
+                                         run_dir / "logs" / f"{trainer}_predict_sliding.log")}, record_file)
         result["test_dice_sliding"] = segmentation_dice(sliding, source / "test_labels", raw / "dataset.json")
     else:
         result["test_dice_sliding"] = result["test_dice"]

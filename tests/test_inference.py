@@ -192,28 +192,25 @@ def test_bad_inputs(trained, tmp_path):
          predict_cmd(trained, tmp_path / "bad2", tmp_path / "out2")], trained.env, check=False)
 
     # naming problems are found from the file names, before the model is loaded
-    result = naming
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"multitask-nnunet predict: error: {expected['naming']} "
+    assert naming.returncode == 1
+    assert naming.stderr.strip().splitlines() == [f"multitask-nnunet predict: error: {expected['naming']} "
                                                   f"(nnU-Net channel naming, e.g. d_no_channel_suffix_0000.nii.gz "
                                                   f"for channel 0)"]
     assert not (tmp_path / "out").exists()
 
     # --continue-on-error: the good case is predicted, every failure reported on its own line
-    result = continued
-    assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if line.startswith("multitask-nnunet predict: error: ")]
+    assert continued.returncode == 1
+    errors = [line for line in continued.stderr.splitlines() if line.startswith("multitask-nnunet predict: error: ")]
     assert len(errors) == 4
     for kind, text in expected.items():
         assert sum(text in line for line in errors) == 1, kind
-    assert "missing e_wrong_channel_0000.nii.gz" in result.stderr
+    assert "missing e_wrong_channel_0000.nii.gz" in continued.stderr
     assert (tmp_path / "out_continued" / "a_good.nii.gz").is_file()
     assert list(probabilities(tmp_path / "out_continued")) == ["a_good.nii.gz"]
 
     # without it, the first bad case stops the run; the cases finished before it are kept
-    result = stopped
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(
+    assert stopped.returncode == 1
+    assert stopped.stderr.strip().splitlines()[-1].startswith(
         f"multitask-nnunet predict: error: {tmp_path / 'bad2' / 'b_unreadable_0000.nii.gz'}: cannot read image")
     assert list(probabilities(tmp_path / "out2")) == ["a_good.nii.gz"]
 
@@ -308,16 +305,12 @@ def test_real_ct_sizes(trained, tmp_path):
 
 def test_two_parts_at_once_cover_every_case_once(trained, tmp_path):
     out = tmp_path / "out"
-    parts = [subprocess.Popen(predict_cmd(trained, trained.source / "test", out, "--num-parts", "2",
-                                          "--part-id", str(i)),
-                              env={**os.environ, **trained.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, stdin=subprocess.DEVNULL) for i in (0, 1)]
-    logs = [p.communicate(timeout=600) for p in parts]
-    assert [p.returncode for p in parts] == [0, 0], logs
+    logs = [r.stdout for r in run_at_once([predict_cmd(trained, trained.source / "test", out, "--num-parts", "2",
+                                                       "--part-id", str(i)) for i in (0, 1)], trained.env, timeout=600)]
     names = sorted(p.name.replace("_0000", "") for p in (trained.source / "test").glob("*_0000.nii.gz"))
     per_part = [set(probabilities(out / "parts" / f"part_{i}")) for i in (0, 1)]
     assert not per_part[0] & per_part[1] and sorted(per_part[0] | per_part[1]) == names
-    assert sum("every case of the input is done: wrote the merged CSVs" in log for log, _ in logs) >= 1
+    assert sum("every case of the input is done: wrote the merged CSVs" in log for log in logs) >= 1
     assert sorted(probabilities(out)) == names
     assert sorted(r[0] for r in read_csv(out / "subtype_results.csv")[1:]) == names
     assert all((out / n).is_file() for n in names)

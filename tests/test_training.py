@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli import nnunet, ours, run, run_at_once
+from cli import Started, nnunet, ours, run, run_at_once
 from multitask_nnunet.heads import HEADS
 from conftest import CONFIG, DATASET_ID, PLANS, TRAINER, load_json, nnunet_env
 
@@ -135,20 +135,16 @@ BAD_CLASS_LABELS = {  # dataset.json edit, the message nnUNetv2_train must print
 def test_bad_class_labels_are_clear_errors(preprocessed, tmp_path):
     """nnUNetv2_train refuses a dataset.json without class labels, with a case without one or with one out of
     range, naming the case; the three runs go at once (each only starts nnU-Net and our trainer's set-up)."""
-    import subprocess
     first_case = _first_case(load_json(preprocessed.preprocessed / "dataset.json"))
-    processes = {}
-    for name, (edit, _, _) in BAD_CLASS_LABELS.items():
-        env = _write_preprocessed_copy(preprocessed, tmp_path / name, edit)
-        processes[name] = subprocess.Popen(
-            nnunet("nnUNetv2_train", DATASET_ID, CONFIG, "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"),
-            env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
-    for name, process in processes.items():
-        _, stderr = process.communicate(timeout=900)
+    started = {name: Started(nnunet("nnUNetv2_train", DATASET_ID, CONFIG, "0", "-tr", TRAINER, "-p", PLANS, "-device",
+                                    "cpu"), _write_preprocessed_copy(preprocessed, tmp_path / name, edit))
+               for name, (edit, _, _) in BAD_CLASS_LABELS.items()}
+    for name, process in started.items():
+        result = process.result(check=False)
         _, message, names_case = BAD_CLASS_LABELS[name]
-        assert process.returncode != 0, name
-        assert message in stderr and (first_case in stderr or not names_case), (name, stderr[-3000:])
+        assert result.returncode != 0, name
+        assert message in result.stderr and (first_case in result.stderr or not names_case), \
+            (name, result.stderr[-3000:])
 
 
 # a trained model per registered head: the session's model (the default head) or a short run of a test trainer
@@ -341,15 +337,11 @@ def test_seeded_trainer_repeats_initial_weights_and_augmented_batches(preprocess
     data-augmentation workers in two processes (nnU-Net starts them unseeded: without the trainer's seeds the
     batches differ from run to run)."""
     import json
-    import subprocess
     import sys
 
     # two processes at once (nnUNet_n_proc_DA=1: one worker each for training and for validation)
-    processes = [subprocess.Popen([sys.executable, "-c", SEEDED_DRAWS_SCRIPT, str(DATASET_ID), CONFIG, TRAINER, PLANS],
-                                  env={**os.environ, **preprocessed.env}, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=900) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], "\n---\n".join(err[-3000:] for _, err in outputs)
-    first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
+    outputs = run_at_once([[sys.executable, "-c", SEEDED_DRAWS_SCRIPT, str(DATASET_ID), CONFIG, TRAINER, PLANS]] * 2,
+                          preprocessed.env)
+    first, second = (json.loads(r.stdout.strip().splitlines()[-1]) for r in outputs)
     assert len(set(first["batches"])) == 3  # three different batches, not one empty digest
     assert first == second
