@@ -34,8 +34,14 @@ Measured per trainer:
 The table is printed at the end; ``--json FILE`` writes every figure, the settings and the machine.
 
 Reruns reuse every finished step: the data (per seed and case counts) under ``WORKDIR/data_*``, and each
-trained model and prediction under ``WORKDIR/data_*/runs/<plans>_<device>_e<E>_i<I>_v<V>/``, so another
-trainer or schedule costs only its own training. An interrupted training resumes (``--c``).
+trained model and prediction under ``WORKDIR/data_*/runs/<plans>_<device>_e<E>_i<I>_v<V>[_t<train seed>]/``, so
+another trainer or schedule costs only its own training. An interrupted training resumes (``--c``).
+
+Paired runs: ``--train-seed N`` seeds every trainer, stock included (``multitask_nnunet.training.seeding``), and
+uses one augmentation worker. Stock and a multitask trainer then start from the same segmentation weights and
+see the same batches; through phases 0 and 1 their segmentation training is identical bit for bit (a test
+proves it on tiny plans), so the Dice difference at the end comes from the joint phase alone. Unseeded
+(nnU-Net's behaviour), each training is an independent draw.
 
 Settings:
 - CPU (the default without CUDA): ``--plans small`` with 4 -> 64 features (one convolution per stage, batch 2)
@@ -90,6 +96,7 @@ SMALL_FEATURES = {"base_features": 4, "max_features": 64}
 SMALL_PATCH = [40, 96, 112]  # nnU-Net plans 48x112x128 for these crops (median 45x98x123): larger than the crop
 PANCREAS_LABELS = {"labels": {"background": 0, "whole_pancreas": [1, 2], "pancreas_lesion": 2},
                    "regions_class_order": [1, 2]}  # as dataset_conversion/convert_pancreas_quiz.py
+TRAIN_SEED_VARIABLE = "MULTITASK_BENCH_TRAIN_SEED"  # read by benchmarks/trainers
 SCHEDULE_VARIABLES = {"epochs": "MULTITASK_BENCH_EPOCHS", "iterations": "MULTITASK_BENCH_ITERATIONS",
                       "val_iterations": "MULTITASK_BENCH_VAL_ITERATIONS"}
 ECHO = ("Epoch ", "Current learning rate", "train_loss", "val_loss", "Pseudo dice", "macro-F1", "Epoch time",
@@ -422,7 +429,11 @@ def parse_args(argv=None):
     p.add_argument("--test-cases", type=int, default=12, help="test cases (12)")
     p.add_argument("--classes", type=int, default=3, help="classes (3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (0)")
-    p.add_argument("--num-proc-da", type=int, help="nnUNet_n_proc_DA (default: 2 on CPU, 8 on CUDA)")
+    p.add_argument("--train-seed", type=int,
+                   help="seed every trainer (stock too) with this: the same initial segmentation weights and batches "
+                        "for all, so stock and multitask runs pair (default: unseeded, nnU-Net's behaviour)")
+    p.add_argument("--num-proc-da", type=int,
+                   help="nnUNet_n_proc_DA (default: 2 on CPU, 8 on CUDA; 1 with --train-seed)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS (default: all cores)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure here")
     p.add_argument("--prepare-only", action="store_true", help="stop after the data, preprocessing and plans")
@@ -432,7 +443,8 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.plans = args.plans or ("small" if args.device == "cpu" else "default")
-    args.num_proc_da = args.num_proc_da or (2 if args.device == "cpu" else 8)
+    # one augmentation worker with a seed: nnU-Net takes batches in the order its workers finish them
+    args.num_proc_da = args.num_proc_da or (1 if args.train_seed is not None else 2 if args.device == "cpu" else 8)
     return args
 
 
@@ -451,13 +463,17 @@ def main(argv=None) -> int:
     env.setdefault("nnUNet_def_n_proc", str(min(os.cpu_count() or 1, 8)))  # nnU-Net's pools (validation export)
     env.update({"nnUNet_n_proc_DA": str(args.num_proc_da), "OMP_NUM_THREADS": str(args.threads),
                 **{var: str(getattr(args, key)) for key, var in SCHEDULE_VARIABLES.items()}})
+    env.pop(TRAIN_SEED_VARIABLE, None)
+    if args.train_seed is not None:
+        env[TRAIN_SEED_VARIABLE] = str(args.train_seed)
     multitask = {t: is_multitask(t, env) for t in args.trainers}
 
     print(f"=== data and stock nnU-Net preprocessing: {data}", flush=True)
     preprocessed = prepare_data(args, data, env)
     plans = write_plans(args, preprocessed)
     plans_tag = plans["tag"]
-    run_dir = data / "runs" / f"{plans_tag}_{args.device}_e{args.epochs}_i{args.iterations}_v{args.val_iterations}"
+    run_dir = data / "runs" / (f"{plans_tag}_{args.device}_e{args.epochs}_i{args.iterations}_v{args.val_iterations}"
+                               + ("" if args.train_seed is None else f"_t{args.train_seed}"))
     env["nnUNet_results"] = str(run_dir / "nnUNet_results")
     print(f"plans {plans['name']}: patch {plans['patch_size']}, features {plans['features_per_stage']}, "
           f"batch {plans['batch_size']}; schedule {args.epochs} epochs x {args.iterations} iterations "
@@ -486,7 +502,8 @@ def main(argv=None) -> int:
     step_seconds = load(data / "prepared.json")["prepare_seconds"] + sum(
         r["train_seconds"] + r["predict_seconds"] for r in results.values())
     print(f"\n=== results ({args.device}, plans {plans_tag}, {args.epochs} epochs x {args.iterations} iterations, "
-          f"{args.cases}/{args.validation_cases}/{args.test_cases} train/validation/test cases, seed {args.seed})\n"
+          f"{args.cases}/{args.validation_cases}/{args.test_cases} train/validation/test cases, seed {args.seed}, "
+          f"training {'unseeded' if args.train_seed is None else f'seed {args.train_seed}'})\n"
           + report + f"\n\nwall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min; of every "
           f"step from scratch (data + preprocessing, trainings, predictions; as recorded when each ran): "
           f"{step_seconds / 60:.1f} min")

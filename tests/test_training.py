@@ -159,6 +159,29 @@ def train_short(pipeline, trainer: str, dataset_id=DATASET_ID) -> Path:
         / f"{trainer}__{PLANS}__{CONFIG}"
 
 
+def test_first_phases_train_segmentation_exactly_as_stock(preprocessed):
+    """With the same seed, stock nnUNetTrainer and the multitask trainer through its segmentation warm-up (phase
+    0) and an epoch of the head on detached features (phase 1, classification-loss weight 1) end with the same
+    segmentation weights, bit for bit: the head, its optimizer, its loss and the split gradient clipping change
+    nothing of nnU-Net's segmentation training before the joint phase."""
+    run_at_once([nnunet("nnUNetv2_train", DATASET_ID, CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device", "cpu")
+                 for trainer in ("nnUNetTrainer_TestSeeded", "MultitasknnUNetTrainer_TestSeeded")],
+                preprocessed.env, timeout=900)
+    results = Path(preprocessed.env["nnUNet_results"]) / "Dataset501_Synth"
+    stock, ours = (torch.load(results / f"{trainer}__{PLANS}__{CONFIG}" / "fold_0" / "checkpoint_final.pth",
+                              map_location="cpu", weights_only=False)
+                   for trainer in ("nnUNetTrainer_TestSeeded", "MultitasknnUNetTrainer_TestSeeded"))
+    # the head did train in phase 1: 3 AdamW steps on a non-zero classification loss
+    steps = {int(s["step"]) for s in ours["head_optimizer_state"]["state"].values()}
+    assert steps == {3}, steps
+    assert ours["logging"]["train_cls_losses"][-1] > 0
+    assert stock["network_weights"].keys() == ours["network_weights"].keys()
+    differing = [k for k, v in stock["network_weights"].items() if not torch.equal(v, ours["network_weights"][k])]
+    assert not differing, differing
+    # and segmentation did train: nnU-Net's SGD holds momentum for its parameters
+    assert len(stock["optimizer_state"]["state"]) == len(ours["optimizer_state"]["state"]) > 0
+
+
 @pytest.mark.parametrize("head_class", sorted(HEADS))
 def test_every_head_round_trips_through_checkpoint_and_predict(request, tmp_path, monkeypatch, head_class):
     """Train with each registered head through the stock CLI; the checkpoint names the head, `multitask-nnunet

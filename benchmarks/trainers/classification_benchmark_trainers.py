@@ -7,6 +7,8 @@ classes. Each one only sets the schedule, read from environment variables that t
     MULTITASK_BENCH_EPOCHS            num_epochs
     MULTITASK_BENCH_ITERATIONS        num_iterations_per_epoch
     MULTITASK_BENCH_VAL_ITERATIONS    num_val_iterations_per_epoch
+    MULTITASK_BENCH_TRAIN_SEED        seed (``--train-seed``; unset: unseeded, nnU-Net's behaviour), for every
+                                      class here, stock included (multitask_nnunet.training.seeding)
 
 - ``nnUNetTrainer_ClsBench``: stock nnU-Net, segmentation only (the Dice reference).
 - ``nnUNetTrainer_ClsBenchRepeat`` and ``MultitasknnUNetTrainer_ClsBenchRepeat``: the same two once more, under
@@ -20,6 +22,9 @@ classes. Each one only sets the schedule, read from environment variables that t
 - ``MultitasknnUNetTrainer_ClsBenchTF50``: as ``_ClsBenchTF``, and for half of the cases in phase 2 too.
 - ``MultitasknnUNetTrainer_ClsBenchSegNeutral``: the default, but phase 1 lasts to the end: the head never
   reaches the encoder, so segmentation trains as stock's does (the control for the Dice cost of the joint phase).
+- ``MultitasknnUNetTrainer_ClsBenchPoolDeep`` and ``MultitasknnUNetTrainer_ClsBenchPoolShallow``: the default with
+  the guide pooling only the bottleneck, or only stages 1 and 2 (the default pools stages 1 to 4). With
+  ``--train-seed`` their segmentation is stock's bit for bit until the joint phase, so the head alone differs.
 
 TechReport 6.0 lists which class ran under which name (the defaults changed while they were measured).
 
@@ -32,15 +37,21 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from multitask_nnunet import MultitasknnUNetTrainer
+from multitask_nnunet.training.seeding import SeededTraining
 
 __all__ = ["nnUNetTrainer_ClsBench", "nnUNetTrainer_ClsBenchRepeat", "MultitasknnUNetTrainer_ClsBenchGAP",
            "MultitasknnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchRepeat",
            "MultitasknnUNetTrainer_ClsBenchTF", "MultitasknnUNetTrainer_ClsBenchTF50",
-           "MultitasknnUNetTrainer_ClsBenchSegNeutral"]
+           "MultitasknnUNetTrainer_ClsBenchSegNeutral", "MultitasknnUNetTrainer_ClsBenchPoolDeep",
+           "MultitasknnUNetTrainer_ClsBenchPoolShallow"]
 
 SCHEDULE_VARIABLES = {"num_epochs": "MULTITASK_BENCH_EPOCHS",
                       "num_iterations_per_epoch": "MULTITASK_BENCH_ITERATIONS",
                       "num_val_iterations_per_epoch": "MULTITASK_BENCH_VAL_ITERATIONS"}
+
+
+#: read when nnUNetv2_train imports this module, before any trainer is built
+TRAIN_SEED = int(os.environ["MULTITASK_BENCH_TRAIN_SEED"]) if os.environ.get("MULTITASK_BENCH_TRAIN_SEED") else None
 
 
 def _set_schedule(trainer) -> None:
@@ -50,7 +61,9 @@ def _set_schedule(trainer) -> None:
             setattr(trainer, attribute, int(value))
 
 
-class nnUNetTrainer_ClsBench(nnUNetTrainer):
+class nnUNetTrainer_ClsBench(SeededTraining, nnUNetTrainer):
+    seed = TRAIN_SEED
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -72,6 +85,7 @@ def _scale_curriculum(trainer, seg_warmup: float, phase1: float) -> None:
 class MultitasknnUNetTrainer_ClsBenchGAP(MultitasknnUNetTrainer):
     """The first design, as measured in the issue: GAP of the bottleneck, the head in nnU-Net's SGD, one global
     clip at 1.0, loss weights 1.0 then 0.3, no segmentation warm-up, phase switch at a quarter of the epochs."""
+    seed = TRAIN_SEED
     head_class = "GAPHead"
     separate_head_optimizer = False
     grad_clip_norm = 1.0
@@ -89,6 +103,7 @@ class MultitasknnUNetTrainer_ClsBench(MultitasknnUNetTrainer):
     """The package's defaults (SegGuidedHead, its own AdamW, nnU-Net's SGD and clip 12 for segmentation), with
     the default curriculum's proportions: segmentation only for the first 5% of the epochs (50 of 1000), the
     head on detached features until half of them (500 of 1000), then joint."""
+    seed = TRAIN_SEED
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -121,3 +136,15 @@ class MultitasknnUNetTrainer_ClsBenchSegNeutral(MultitasknnUNetTrainer_ClsBench)
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.phase1_epochs = self.num_epochs
+
+
+class MultitasknnUNetTrainer_ClsBenchPoolDeep(MultitasknnUNetTrainer_ClsBench):
+    """As ``MultitasknnUNetTrainer_ClsBench``, with the guide pooling the bottleneck only (``pool_stages=[-1]``,
+    beside its global average): the ablation of the default's stages 1 to 4."""
+    head_kwargs = {"pool_stages": [-1]}
+
+
+class MultitasknnUNetTrainer_ClsBenchPoolShallow(MultitasknnUNetTrainer_ClsBench):
+    """As ``MultitasknnUNetTrainer_ClsBench``, with the guide pooling the two highest-resolution stages it can use
+    (``pool_stages=[1, 2]``, beside the bottleneck's global average)."""
+    head_kwargs = {"pool_stages": [1, 2]}

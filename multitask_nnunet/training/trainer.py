@@ -26,8 +26,6 @@ loss, DDP) stays nnU-Net's. This subclass adds:
   optimizer's state under ``head_optimizer_state``.
 """
 import multiprocessing
-import random
-import sys
 import warnings
 from time import sleep, time
 from typing import List, Union
@@ -57,13 +55,14 @@ from multitask_nnunet.heads import build_head, plan_head, resolve_guide
 from multitask_nnunet.nnunet_copies import follows
 from multitask_nnunet.network import MultitaskUNet, merge_state_dict, split_state_dict
 from multitask_nnunet.training.logger import MultitaskLocalLogger
+from multitask_nnunet.training.seeding import SeededTraining
 
 PHASE_NAMES = {0: "segmentation warm-up (classification head not trained)",
                1: "classification head on detached encoder features",
                2: "joint training (classification gradients reach the encoder)"}
 
 
-class MultitasknnUNetTrainer(nnUNetTrainer):
+class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
     """Subclass it (nnU-Net style, in your own ``nnUNet_extTrainer`` folder) and override these to change the
     head, its optimizer or the curriculum; nnU-Net's own attributes (``num_epochs``,
     ``num_iterations_per_epoch``, ``initial_lr``, ...) work as usual."""
@@ -118,13 +117,6 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
     best_seg_weight_final = 0.5
     best_weight_ramp_epochs = 50
 
-    # ---- reproducibility -------------------------------------------------------------------------------
-    #: None (nnU-Net's behaviour): unseeded. An int seeds random, numpy and torch in the training process and
-    #: each data-augmentation worker. nnU-Net's augmenter takes batches from its workers in the order they
-    #: finish, so a seeded run repeats only with one worker (``nnUNet_n_proc_DA=1``), on the same device and
-    #: thread count (on CUDA, nnU-Net's ``cudnn.benchmark`` may pick other kernels each run)
-    seed = None
-
     # ---- final validation ------------------------------------------------------------------------------
     #: mirroring TTA in the final validation (nnU-Net's: on). Off needs 1/8 of the network passes in 3d and
     #: gives the probabilities of ``multitask-nnunet predict``'s default (no TTA), which the fitted calibration
@@ -140,10 +132,6 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
         self.head_spec = None  # -> initialize (the network builder plans it)
         self.head_optimizer = None  # -> configure_optimizers
         self._val_cases_seen = 0
-        if self.seed is not None:  # before initialize() draws the network's initial weights
-            random.seed(self.seed)
-            np.random.seed(self.seed)
-            torch.manual_seed(self.seed)
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -198,30 +186,6 @@ class MultitasknnUNetTrainer(nnUNetTrainer):
                                f"{self.phase1_epochs}, then joint")
         self.classification_loss = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32,
                                                                            device=self.device))
-
-    def get_dataloaders(self):
-        """nnU-Net's data loaders. nnU-Net starts its augmentation workers unseeded (batchgenerators'
-        NonDetMultiThreadedAugmenter with ``seeds=None``, nnunetv2 2.8.1); with ``seed``, the augmenters it
-        builds get seeds of their own, which include the epoch training starts at, so that a resumed run
-        (``--c``) does not replay the first batches. Seeding them as they are built, not restarting them
-        afterwards, avoids a worker shutdown at start-up, which can print a traceback from batchgenerators'
-        results thread."""
-        if self.seed is None:
-            return super().get_dataloaders()
-        stock = sys.modules[nnUNetTrainer.__module__]
-        augmenter_class = stock.NonDetMultiThreadedAugmenter
-        next_seed = [self.seed + 1000 + 10000 * self.current_epoch]
-
-        def seeded_augmenter(*args, **kwargs):  # train first, then validation
-            kwargs["seeds"] = [next_seed[0] + w for w in range(kwargs["num_processes"])]
-            next_seed[0] += 1000
-            return augmenter_class(*args, **kwargs)
-
-        stock.NonDetMultiThreadedAugmenter = seeded_augmenter
-        try:
-            return super().get_dataloaders()
-        finally:
-            stock.NonDetMultiThreadedAugmenter = augmenter_class
 
     def _build_multitask_network(self, plans_manager, configuration_manager, num_input_channels: int,
                                  num_output_channels: int, enable_deep_supervision: bool = True) -> MultitaskUNet:

@@ -2,8 +2,10 @@
 folder after ours), exactly as a user's own subclasses are: a few iterations each, so the tests that only need
 a trained model of some kind (a head round trip, class-only cases) stay fast."""
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from multitask_nnunet import MultitasknnUNetTrainer
+from multitask_nnunet.training.seeding import SeededTraining
 
 
 class MultitasknnUNetTrainer_TestShort(MultitasknnUNetTrainer):
@@ -30,3 +32,37 @@ class MultitasknnUNetTrainer_TestShortGAP(MultitasknnUNetTrainer_TestShort):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """None: the head round trip (test_training.py) reads only the checkpoint."""
+
+
+class nnUNetTrainer_TestSeeded(SeededTraining, nnUNetTrainer):
+    """Stock nnU-Net, seeded like the multitask trainer: two epochs of three iterations, no final validation."""
+    seed = 0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 3
+        self.num_val_iterations_per_epoch = 1
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """None: the test compares checkpoints only."""
+
+
+class MultitasknnUNetTrainer_TestSeeded(MultitasknnUNetTrainer):
+    """The same seed and schedule as ``nnUNetTrainer_TestSeeded``: epoch 0 is phase 0 (segmentation only), epoch 1
+    phase 1 (the head trains on detached features with classification-loss weight 1)."""
+    seed = 0
+    seg_warmup_epochs = 1
+    phase1_epochs = 2
+    head_warmup_epochs = 1
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 3
+        self.num_val_iterations_per_epoch = 1
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """None: the test compares checkpoints only."""
