@@ -247,7 +247,11 @@ def training_figures(model: Path, multitask: bool) -> dict:
                "median_epoch_seconds": float(np.median(epoch_seconds)),
                "val_pseudo_dice_per_epoch": per_region.round(4).tolist(),
                "val_pseudo_dice_lesion_per_epoch": per_region[:, -1].round(4).tolist(),
-               "train_loss_per_epoch": np.round(log["train_losses"], 4).tolist()}
+               "train_loss_per_epoch": np.round(log["train_losses"], 4).tolist(),
+               # unrounded, for the pairing check: stock's train loss is its segmentation loss
+               "train_seg_loss_per_epoch_exact": [float(v) for v in log["train_seg_losses" if multitask
+                                                                        else "train_losses"]],
+               "val_pseudo_dice_per_epoch_exact": per_region.tolist()}
     if multitask:
         figures["val_macro_f1_per_epoch"] = np.round(log["val_macro_f1"], 4).tolist()
         figures["train_cls_loss_per_epoch"] = np.round(log["train_cls_losses"], 4).tolist()
@@ -349,6 +353,17 @@ def compact(values, digits=2) -> str:
     return "-" if not values else "[" + " ".join(f"{v:.{digits}f}" for v in values) + "]"
 
 
+def identical_epochs(r: dict, stock: dict) -> int:
+    """How many epochs, from the first, have exactly stock's segmentation loss and pseudo-Dice."""
+    n = 0
+    for ours, theirs in zip(zip(r["train_seg_loss_per_epoch_exact"], r["val_pseudo_dice_per_epoch_exact"]),
+                            zip(stock["train_seg_loss_per_epoch_exact"], stock["val_pseudo_dice_per_epoch_exact"])):
+        if ours != theirs:
+            break
+        n += 1
+    return n
+
+
 def table(results: dict) -> str:
     header = (f"{'trainer':<36} {'train min':>9} {'s/epoch':>7} {'final cls loss':>14} {'final-val F1':>12} "
               f"{'test F1':>7} {'test Dice whole':>15} {'test Dice lesion':>16}")
@@ -376,6 +391,12 @@ def table(results: dict) -> str:
                              f"{r['test_dice_lesion'] - stock['test_dice_lesion']:+.4f} | "
                              f"{r['test_dice_whole_sliding'] - stock['test_dice_whole']:+.4f}  "
                              f"{r['test_dice_lesion_sliding'] - stock['test_dice_lesion']:+.4f}")
+    if stock:
+        lines.append(f"\nepochs whose segmentation figures (training loss, validation pseudo-Dice, unrounded) equal "
+                     f"{STOCK_TRAINER}'s, from epoch 0 (with --train-seed, stock's own through phases 0 and 1):")
+        for trainer, r in results.items():
+            if trainer != STOCK_TRAINER:
+                lines.append(f"  {trainer:<36} {identical_epochs(r, stock)} of {r['epochs']}")
     lines.append("\ntest-time augmentation: " + "; ".join(sorted({r["test_tta"] for r in results.values()})))
     return "\n".join(lines)
 

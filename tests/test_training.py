@@ -339,32 +339,3 @@ def test_gather_under_gloo_equals_one_process(preprocessed, tmp_path):
     dice = [load_json(f / "summary.json")["foreground_mean"]["Dice"] for f in folders]
     assert dice[0] == pytest.approx(dice[1], abs=1e-9)
     assert sorted(p.name for p in folders[1].glob("*.nii.gz")) == names[0]
-
-
-SEEDED_DRAWS_SCRIPT = """
-import hashlib, json, sys, torch
-from nnunetv2.run.run_training import get_trainer_from_args
-trainer = get_trainer_from_args(sys.argv[1], sys.argv[2], 0, sys.argv[3], sys.argv[4], device=torch.device('cpu'))
-trainer.initialize()
-train, val = trainer.get_dataloaders()
-digest = lambda *tensors: hashlib.sha256(b''.join(t.detach().numpy().tobytes() for t in tensors)).hexdigest()
-weights = digest(*trainer.network.state_dict().values())
-batches = [digest(batch['data'], *batch['target']) for batch in (next(train), next(train), next(val))]
-train._finish(); val._finish()
-print(json.dumps({'weights': weights, 'batches': batches}))
-"""
-
-
-def test_seeded_trainer_repeats_initial_weights_and_augmented_batches(preprocessed):
-    """The demo trainer (``seed = 0``) draws the same initial weights and the same augmented batches from its
-    data-augmentation workers in two processes (nnU-Net starts them unseeded: without the trainer's seeds the
-    batches differ from run to run)."""
-    import json
-    import sys
-
-    # two processes at once (nnUNet_n_proc_DA=1: one worker each for training and for validation)
-    outputs = run_at_once([[sys.executable, "-c", SEEDED_DRAWS_SCRIPT, str(DATASET_ID), CONFIG, TRAINER, PLANS]] * 2,
-                          preprocessed.env)
-    first, second = (json.loads(r.stdout.strip().splitlines()[-1]) for r in outputs)
-    assert len(set(first["batches"])) == 3  # three different batches, not one empty digest
-    assert first == second

@@ -34,19 +34,24 @@ class MultitasknnUNetTrainer_TestShortGAP(MultitasknnUNetTrainer_TestShort):
         """None: the head round trip (test_training.py) reads only the checkpoint."""
 
 
+def _two_short_epochs(trainer) -> None:
+    trainer.num_epochs = 2
+    trainer.num_iterations_per_epoch = 3
+    trainer.num_val_iterations_per_epoch = 1
+
+
 class nnUNetTrainer_TestSeeded(SeededTraining, nnUNetTrainer):
-    """Stock nnU-Net, seeded like the multitask trainer: two epochs of three iterations, no final validation."""
+    """Stock nnU-Net, seeded like the multitask trainer: two epochs of three iterations, no final validation (the
+    test compares checkpoints only)."""
     seed = 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 3
-        self.num_val_iterations_per_epoch = 1
+        _two_short_epochs(self)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """None: the test compares checkpoints only."""
+        pass
 
 
 class MultitasknnUNetTrainer_TestSeeded(MultitasknnUNetTrainer):
@@ -60,9 +65,6 @@ class MultitasknnUNetTrainer_TestSeeded(MultitasknnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 3
-        self.num_val_iterations_per_epoch = 1
+        _two_short_epochs(self)
 
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        """None: the test compares checkpoints only."""
+    perform_actual_validation = nnUNetTrainer_TestSeeded.perform_actual_validation
