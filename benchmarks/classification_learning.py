@@ -391,7 +391,6 @@ def table(results: dict) -> str:
                              f"{r['test_dice_lesion'] - stock['test_dice_lesion']:+.4f} | "
                              f"{r['test_dice_whole_sliding'] - stock['test_dice_whole']:+.4f}  "
                              f"{r['test_dice_lesion_sliding'] - stock['test_dice_lesion']:+.4f}")
-    if stock:
         lines.append(f"\nepochs whose segmentation figures (training loss, validation pseudo-Dice, unrounded) equal "
                      f"{STOCK_TRAINER}'s, from epoch 0 (with --train-seed, stock's own through phases 0 and 1):")
         for trainer, r in results.items():

@@ -12,7 +12,7 @@
 #   all             both, in that order
 # Every log and JSON goes to $OUT as it is written, so a command stopped at its limit still returns them.
 # Environment: DEVICE (cuda; cpu only to check this script without a GPU), EPOCHS, ITERATIONS, VAL_ITERATIONS,
-# TRAIN_SEED (unset: unseeded), NUM_PROC_DA (default 8), MAX_CASES (speed: the first N test images; default all
+# TRAIN_SEED (unset: unseeded), NUM_PROC_DA (unset: the benchmark's default, 8 on CUDA, 1 with a seed), MAX_CASES (speed: the first N test images; default all
 # 12), WORKDIR (/tmp/mtn_gpu), CLS_LIMIT and SPEED_LIMIT (seconds, default 420 and 150), SITE (/tmp/site).
 set -uo pipefail
 STEP=${1:-all}
@@ -37,12 +37,13 @@ print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.
 PY
 
 classification() {
-    local seed=()
+    local seed=() workers=()
     [ -n "${TRAIN_SEED:-}" ] && seed=(--train-seed "$TRAIN_SEED")
+    [ -n "${NUM_PROC_DA:-}" ] && workers=(--num-proc-da "$NUM_PROC_DA")
     timeout -s KILL "${CLS_LIMIT:-420}" python3 benchmarks/classification_learning.py --device "$DEVICE" \
         --workdir "$WORKDIR/cls" --trainers nnUNetTrainer_ClsBench MultitasknnUNetTrainer_ClsBench \
         --epochs "${EPOCHS:-20}" --iterations "${ITERATIONS:-50}" --val-iterations "${VAL_ITERATIONS:-10}" \
-        --num-proc-da "${NUM_PROC_DA:-8}" "${seed[@]}" --json "$OUT/classification.json" 2>&1 \
+        "${workers[@]}" "${seed[@]}" --json "$OUT/classification.json" 2>&1 \
         | tee "$OUT/classification.log"
 }
 
