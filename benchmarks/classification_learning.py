@@ -24,7 +24,8 @@ Steps (every nnU-Net step is the stock command line, run as a subprocess):
 Measured per trainer:
 - wall time of ``nnUNetv2_train`` (training + nnU-Net's final validation) and seconds per epoch;
 - per-epoch validation macro-F1 over cases and the mean training classification loss per epoch
-  (``fold_0/checkpoint_final.pth``, ``["logging"]``), and per-epoch pseudo-Dice of the lesion (all trainers);
+  (``fold_0/checkpoint_final.pth``, ``["logging"]``), the share of the guided head's pooling weight on the
+  ground-truth lesion in training, and per-epoch pseudo-Dice of the lesion (all trainers);
 - final validation (every validation case, sliding window + TTA): macro-F1
   (``validation/classification_summary.json``) and nnU-Net's Dice (``validation/summary.json``);
 - test: macro-F1, mean Dice of the whole region and of the lesion, and each multitask trainer's Dice minus
@@ -255,6 +256,8 @@ def training_figures(model: Path, multitask: bool) -> dict:
     if multitask:
         figures["val_macro_f1_per_epoch"] = np.round(log["val_macro_f1"], 4).tolist()
         figures["train_cls_loss_per_epoch"] = np.round(log["train_cls_losses"], 4).tolist()
+        if "train_guide_share" in log:  # the head's pooling weight on the ground-truth lesion (SegGuidedHead)
+            figures["train_guide_share_per_epoch"] = np.round(log["train_guide_share"], 4).tolist()
         summary = fold / "validation" / "classification_summary.json"
         figures["final_val_macro_f1"] = load(summary)["macro_f1"] if summary.is_file() else None
     summary = load(fold / "validation" / "summary.json")
@@ -381,6 +384,9 @@ def table(results: dict) -> str:
     for trainer, r in results.items():
         lines.append(f"  {trainer:<36} F1 {compact(r.get('val_macro_f1_per_epoch'))}")
         lines.append(f"  {'':<36} lesion {compact(r['val_pseudo_dice_lesion_per_epoch'])}")
+        if r.get("train_guide_share_per_epoch") and not all(np.isnan(r["train_guide_share_per_epoch"])):
+            lines.append(f"  {'':<36} head weight on the lesion (train) "
+                         f"{compact(r['train_guide_share_per_epoch'])}")
     stock = results.get(STOCK_TRAINER)
     if stock:
         lines.append(f"\ntest Dice minus stock {STOCK_TRAINER} (whole, lesion), as predicted above | at equal "

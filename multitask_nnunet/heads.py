@@ -21,6 +21,7 @@ as Faster R-CNN adds ground-truth boxes to its proposals). Heads work for 2d and
   to a global average after instance norm; weighting by its predicted probability pools exactly there.
 - ``GAPHead`` (the first design, kept for comparison): global average pooling of the bottleneck and an MLP.
 """
+import math
 from typing import Dict, List, Optional, Sequence, Type, Union
 
 import torch
@@ -75,6 +76,12 @@ class SegGuidedHead(nn.Module):
     the guide structure, the predicted foreground (``foreground_channels``) is used instead, and when that is
     empty too, plain global pooling: never a division by zero or a NaN.
 
+    ``guide_top_fraction`` > 0 adds a step before the foreground fallback: a case whose guide structure is
+    predicted empty pools over the voxels of its predicted foreground with the highest guide probability, that
+    fraction of the foreground's voxels (at least one), weighted by that probability. Early in training a small
+    structure is ranked above its surroundings before its probability reaches 0.5, so the head can pool where
+    it is while the segmentation has not found it yet, in training and at inference alike.
+
     In training, a case whose ``guide_target`` (the ground-truth guide mask, see the module docstring) holds at
     least ``min_guide_voxels`` voxels is pooled over that mask instead: the head then learns what the
     structure looks like from the first epoch on, also while the segmentation has not found it yet (a lesion
@@ -85,7 +92,7 @@ class SegGuidedHead(nn.Module):
     def __init__(self, encoder_channels: Sequence[int], num_classes: int, guide_channels: Sequence[int],
                  foreground_channels: Sequence[int], guide_activation: str = "sigmoid",
                  pool_stages: Optional[Sequence[int]] = None, hidden: Sequence[int] = (128,), dropout: float = 0.3,
-                 min_guide_voxels: float = 1.0):
+                 min_guide_voxels: float = 1.0, guide_top_fraction: float = 0.0):
         super().__init__()
         if guide_activation not in ("sigmoid", "softmax"):
             raise ValueError(f"guide_activation must be 'sigmoid' or 'softmax', got {guide_activation!r}")
@@ -95,6 +102,9 @@ class SegGuidedHead(nn.Module):
         self.foreground_channels = [int(c) for c in foreground_channels]
         self.guide_activation = guide_activation
         self.min_guide_voxels = float(min_guide_voxels)
+        if not 0.0 <= float(guide_top_fraction) <= 1.0:
+            raise ValueError(f"guide_top_fraction must lie in [0, 1], got {guide_top_fraction!r}")
+        self.guide_top_fraction = float(guide_top_fraction)
         pooled = sum(int(encoder_channels[s]) for s in self.pool_stages) + int(encoder_channels[-1])
         self.mlp = _mlp(pooled, hidden, num_classes, dropout)
 
@@ -106,7 +116,7 @@ class SegGuidedHead(nn.Module):
                 "guide_channels": list(guide["guide_channels"]),
                 "foreground_channels": list(guide["foreground_channels"]),
                 "guide_activation": guide["guide_activation"], "pool_stages": None, "hidden": [128],
-                "dropout": 0.3, "min_guide_voxels": 1.0, **overrides}
+                "dropout": 0.3, "min_guide_voxels": 1.0, "guide_top_fraction": 0.0, **overrides}
 
     def _probability(self, probabilities: torch.Tensor, channels: List[int]) -> torch.Tensor:
         selected = probabilities[:, channels]
@@ -118,22 +128,37 @@ class SegGuidedHead(nn.Module):
                         guide_target: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, 1, *spatial) float32 weights at the segmentation's resolution: the ground-truth guide mask where
         ``guide_target`` has one (training), else the predicted guide structure (voxels with probability >= 0.5,
-        weighted by that probability), else the predicted foreground, else uniform. Only predicted voxels count:
-        a diffuse low probability over a whole crop (early in training) would otherwise outweigh a small
-        structure."""
+        weighted by that probability), else (``guide_top_fraction`` > 0) the top-ranked guide probabilities
+        within the predicted foreground, else the predicted foreground, else uniform. Only predicted or
+        top-ranked voxels count: a diffuse low probability over a whole crop (early in training) would otherwise
+        outweigh a small structure."""
         logits = segmentation_logits.detach().float()
         probabilities = torch.sigmoid(logits) if self.guide_activation == "sigmoid" else torch.softmax(logits, 1)
-        guide = self._probability(probabilities, self.guide_channels)
+        probability = self._probability(probabilities, self.guide_channels)
         foreground = self._probability(probabilities, self.foreground_channels)
-        guide, foreground = guide * (guide >= 0.5), foreground * (foreground >= 0.5)
+        guide, foreground = probability * (probability >= 0.5), foreground * (foreground >= 0.5)
         predicted = lambda w: (w > 0).flatten(1).sum(1).view(-1, *([1] * (w.ndim - 1)))  # noqa: E731
-        weights = torch.where(predicted(guide) >= self.min_guide_voxels, guide,
-                              torch.where(predicted(foreground) >= self.min_guide_voxels, foreground,
-                                          torch.ones_like(guide)))
+        fallback = torch.where(predicted(foreground) >= self.min_guide_voxels, foreground, torch.ones_like(guide))
+        if self.guide_top_fraction > 0:
+            ranked = self._top_of_foreground(probability, foreground)
+            fallback = torch.where(predicted(ranked) >= self.min_guide_voxels, ranked, fallback)
+        weights = torch.where(predicted(guide) >= self.min_guide_voxels, guide, fallback)
         if guide_target is not None:
             target = (guide_target.detach()[:, 0] > 0).float()
             weights = torch.where(predicted(target) >= self.min_guide_voxels, target, weights)
         return weights[:, None]
+
+    def _top_of_foreground(self, probability: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+        """Per case, the guide probability on the ``guide_top_fraction`` of predicted-foreground voxels where it
+        is highest (exactly that many, at least one), zero elsewhere; all zero without predicted foreground."""
+        inside = (foreground > 0).flatten(1)
+        candidates = torch.where(inside, probability.flatten(1), torch.full_like(inside, -1.0, dtype=probability.dtype))
+        chosen = torch.zeros_like(inside)
+        for b, n in enumerate(inside.sum(1).tolist()):
+            if n > 0:
+                k = max(1, int(math.ceil(self.guide_top_fraction * n)))
+                chosen[b, torch.topk(candidates[b], k, sorted=False).indices] = True
+        return (probability.flatten(1) * chosen).view_as(probability)
 
     def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: torch.Tensor,
                 guide_target: Optional[torch.Tensor] = None) -> torch.Tensor:

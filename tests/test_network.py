@@ -150,6 +150,26 @@ def test_seg_guided_head_falls_back_when_the_guide_is_empty():
     assert torch.isfinite(out).all()
 
 
+def test_seg_guided_head_top_fraction_pools_the_most_likely_voxels_of_an_empty_guide():
+    """With ``guide_top_fraction``, a case whose guide is predicted empty pools the top-ranked tenth of its
+    predicted foreground by guide probability (exactly ceil(0.1 n) voxels, where the guide ranks highest), not
+    the whole foreground; a predicted guide and an empty foreground behave as without it."""
+    head = _guided_head(guide_top_fraction=0.1)
+    logits = torch.full((3, 2, 4, 8, 8), -30.0)
+    logits[:2, 0, :, :, :4] = 30.0             # cases 0, 1: foreground of 128 voxels
+    logits[:2, 1] = -5.0                       # guide below 0.5 everywhere, flat (ties) ...
+    logits[:2, 1, 1, 1, 1:4] = -1.0            # ... ranked highest on 3 foreground voxels
+    logits[1, 1, 2, 2, 2:4] = 2.0              # case 1: the guide is predicted (2 voxels)
+    weights = head.pooling_weights(logits)     # case 2: nothing predicted at all
+    assert int((weights[0] > 0).sum()) == 13   # ceil(0.1 * 128), not the 125 tied voxels
+    assert bool((weights[0, 0, 1, 1, 1:4] > 0).all()) and float(weights[0, 0, :, :, 4:].sum()) == 0
+    torch.testing.assert_close(weights[1:], _guided_head().pooling_weights(logits)[1:])
+    assert torch.equal(weights[2], torch.ones_like(weights[2]))
+    assert torch.isfinite(head([torch.randn(3, 1, 4, 8, 8), torch.randn(3, 1, 2, 4, 4)], logits)).all()
+    with pytest.raises(ValueError, match="guide_top_fraction"):
+        _guided_head(guide_top_fraction=1.5)
+
+
 def test_seg_guided_head_teacher_forcing_pools_over_the_ground_truth():
     """A case with a ground-truth guide mask pools over it, whatever the prediction says; a case whose mask is
     empty (no ground truth, the structure outside the patch, or not chosen) keeps the prediction's weights."""

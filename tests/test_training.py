@@ -47,6 +47,11 @@ def test_log_shows_f1_and_progress_png_exists(trained):
                   "Phase 2: joint training"):
         assert phase in log
     assert "training-fold counts [6, 6, 6]" in log  # class balance counted on the training fold only
+    assert "Head pooling weight on the ground-truth guide structure (train):" in log
+    # one value per epoch; it measures where the head pooled, so it lies in [0, 1] once there is a lesion
+    logging = torch.load(trained.fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    shares = logging["train_guide_share"]
+    assert len(shares) == len(logging["train_losses"]) and all(0 <= s <= 1 for s in shares), shares
     assert (trained.fold0 / "progress.png").stat().st_size > 10_000
 
 
@@ -246,11 +251,11 @@ batch = next(loader)
 target = batch['target']
 out = {}
 trainer.current_epoch = 0
-out['phase0_none'] = trainer._guide_target(target) is None
+out['phase0_none'] = trainer._guide_target(trainer._guide_mask(target)) is None
 trainer.current_epoch = trainer.seg_warmup_epochs
-out['off_by_default'] = trainer._guide_target(target) is None
+out['off_by_default'] = trainer._guide_target(trainer._guide_mask(target)) is None
 trainer.phase1_teacher_forcing = 1.0
-guide = trainer._guide_target(target)
+guide = trainer._guide_target(trainer._guide_mask(target))
 lesion = target[0][:, 1:2].float()  # regions (1, 2) and (2,): channel 1 is the lesion
 out['equal'] = bool(torch.equal(guide, (lesion > 0).float()))
 out['voxels'] = float(guide.sum())
@@ -339,3 +344,20 @@ def test_gather_under_gloo_equals_one_process(preprocessed, tmp_path):
     dice = [load_json(f / "summary.json")["foreground_mean"]["Dice"] for f in folders]
     assert dice[0] == pytest.approx(dice[1], abs=1e-9)
     assert sorted(p.name for p in folders[1].glob("*.nii.gz")) == names[0]
+
+
+def test_logger_resumes_from_a_checkpoint_without_the_newer_keys(tmp_path):
+    """A checkpoint written before ``train_guide_share`` existed resumes with one NaN per past epoch in that
+    list, so nnU-Net's one-value-per-epoch logging and progress.png keep working."""
+    from multitask_nnunet.training.logger import CLASSIFICATION_KEYS, MultitaskLocalLogger
+    fresh = MultitaskLocalLogger()
+    old = {k: [0.5, 0.6] for k in fresh.my_fantastic_logging if k != "train_guide_share"}
+    old["val_class_recall"] = [[1.0, 0.0, 0.0]] * 2
+    logger = MultitaskLocalLogger()
+    logger.load_checkpoint(old)
+    assert set(logger.my_fantastic_logging) == set(fresh.my_fantastic_logging) >= set(CLASSIFICATION_KEYS)
+    assert len(logger.my_fantastic_logging["train_guide_share"]) == 2
+    assert all(np.isnan(logger.my_fantastic_logging["train_guide_share"]))
+    logger.log("train_guide_share", 0.3, 2)  # the next epoch logs as usual
+    logger.plot_progress_png(str(tmp_path))
+    assert (tmp_path / "progress.png").is_file()

@@ -25,6 +25,8 @@ classes. Each one only sets the schedule, read from environment variables that t
 - ``MultitasknnUNetTrainer_ClsBenchPoolDeep`` and ``MultitasknnUNetTrainer_ClsBenchPoolShallow``: the default with
   the guide pooling only the bottleneck, or only stages 1 and 2 (the default pools stages 1 to 4). With
   ``--train-seed`` their segmentation is stock's bit for bit until the joint phase, so the head alone differs.
+- ``MultitasknnUNetTrainer_ClsBenchTopK``: the default with ``guide_top_fraction=0.1``: while the lesion is
+  predicted empty, the head pools the top-ranked tenth of the predicted pancreas by lesion probability.
 
 TechReport 6.0 lists which class ran under which name (the defaults changed while they were measured).
 
@@ -43,7 +45,7 @@ __all__ = ["nnUNetTrainer_ClsBench", "nnUNetTrainer_ClsBenchRepeat", "Multitaskn
            "MultitasknnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchRepeat",
            "MultitasknnUNetTrainer_ClsBenchTF", "MultitasknnUNetTrainer_ClsBenchTF50",
            "MultitasknnUNetTrainer_ClsBenchSegNeutral", "MultitasknnUNetTrainer_ClsBenchPoolDeep",
-           "MultitasknnUNetTrainer_ClsBenchPoolShallow"]
+           "MultitasknnUNetTrainer_ClsBenchPoolShallow", "MultitasknnUNetTrainer_ClsBenchTopK"]
 
 SCHEDULE_VARIABLES = {"num_epochs": "MULTITASK_BENCH_EPOCHS",
                       "num_iterations_per_epoch": "MULTITASK_BENCH_ITERATIONS",
@@ -148,3 +150,10 @@ class MultitasknnUNetTrainer_ClsBenchPoolShallow(MultitasknnUNetTrainer_ClsBench
     """As ``MultitasknnUNetTrainer_ClsBench``, with the guide pooling the two highest-resolution stages it can use
     (``pool_stages=[1, 2]``, beside the bottleneck's global average)."""
     head_kwargs = {"pool_stages": [1, 2]}
+
+
+class MultitasknnUNetTrainer_ClsBenchTopK(MultitasknnUNetTrainer_ClsBench):
+    """As ``MultitasknnUNetTrainer_ClsBench``, with ``guide_top_fraction=0.1``: while no lesion is predicted, the
+    head pools the 10% of the predicted pancreas voxels with the highest lesion probability (in training and at
+    inference), not the whole pancreas."""
+    head_kwargs = {"guide_top_fraction": 0.1}

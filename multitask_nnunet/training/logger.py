@@ -12,13 +12,22 @@ from batchgenerators.utilities.file_and_folder_operations import join  # noqa: E
 from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
 
 CLASSIFICATION_KEYS = ("train_seg_losses", "train_cls_losses", "val_macro_f1", "val_accuracy", "val_class_recall",
-                       "val_predicted_classes", "ema_macro_f1", "combined_metric")
+                       "val_predicted_classes", "ema_macro_f1", "combined_metric", "train_guide_share")
 
 
 class MultitaskLocalLogger(LocalLogger):
     def __init__(self, verbose: bool = False):
         super().__init__(verbose)
         self.my_fantastic_logging.update({k: [] for k in CLASSIFICATION_KEYS})
+
+    def load_checkpoint(self, checkpoint: dict):
+        """nnU-Net's, plus a NaN per epoch for a key that an older checkpoint lacks, so that resuming from it
+        keeps one value per epoch in every list."""
+        super().load_checkpoint(checkpoint)
+        epochs = len(self.my_fantastic_logging["train_losses"])
+        for key in CLASSIFICATION_KEYS:
+            if key not in self.my_fantastic_logging:
+                self.my_fantastic_logging[key] = [float("nan")] * epochs
 
     def plot_progress_png(self, output_folder):
         log = self.my_fantastic_logging
@@ -44,6 +53,9 @@ class MultitaskLocalLogger(LocalLogger):
         ax.plot(x, log["val_accuracy"][:epoch + 1], color="c", label="val accuracy (per case)", linewidth=2)
         ax.plot(x, log["combined_metric"][:epoch + 1], color="k", label="combined metric (checkpoint_best)",
                 linewidth=3)
+        if any(v == v for v in log["train_guide_share"][:epoch + 1]):  # not all NaN (a head without a guide)
+            ax.plot(x, log["train_guide_share"][:epoch + 1], color="y",
+                    label="head pooling weight on the ground-truth guide (train)", linewidth=2)
         ax.set(xlabel="epoch", ylabel="classification", ylim=(0, 1.02))
         ax.legend(loc=(0, 1), ncol=2)
 

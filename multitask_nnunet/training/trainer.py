@@ -103,9 +103,10 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
     #: teacher forcing of SegGuidedHead's guide in training: the probability, per case and step, that a case
     #: whose patch holds ground truth of the guide structure is pooled over that ground-truth mask instead of
     #: the network's prediction, in phase 1 and in phase 2 (validation and inference always pool over the
-    #: prediction). Off by default: in the CPU benchmark (TechReport 6.0) it let the head learn the subtypes
-    #: before the lesion was segmented, but gave no gain in F1 and came with a lower lesion Dice in both runs
-    #: that used it. Try ``phase1_teacher_forcing = 1.0`` where segmentation finds the structure late.
+    #: prediction). Off by default: in the CPU benchmark (TechReport 6.0, three paired seeds) it rescued the
+    #: classification of the one seed whose lesion was segmented late, changed no F1 in the others, and cost
+    #: 0.155 lesion Dice in one of them (the head's loss jumps when phase 2 switches it to the predicted
+    #: pooling). Try ``phase1_teacher_forcing = 1.0`` where segmentation finds the structure late.
     phase1_teacher_forcing = 0.0
     phase2_teacher_forcing = 0.0
     #: warn in the log when validation has predicted a single class for this many epochs in a row
@@ -220,12 +221,10 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         labels = [self.class_labels.label_of(k, self._dataset_json_path()) for k in keys]
         return torch.tensor(labels, dtype=torch.long, device=self.device)
 
-    def _guide_target(self, target) -> Union[torch.Tensor, None]:
-        """(B, 1, *spatial) ground-truth mask of SegGuidedHead's guide structure at the segmentation's full
-        resolution, kept for each case with probability ``teacher_forcing`` (zero otherwise: that case pools
-        over the prediction); None when the head has no guide or teacher forcing is off."""
-        p = self.teacher_forcing
-        if p <= 0 or self.head_spec['class_name'] != 'SegGuidedHead':
+    def _guide_mask(self, target) -> Union[torch.Tensor, None]:
+        """(B, 1, *spatial) bool ground-truth mask of SegGuidedHead's guide structure at the segmentation's full
+        resolution; None when the head has no guide."""
+        if self.head_spec['class_name'] != 'SegGuidedHead':
             return None
         target = target[0] if isinstance(target, (list, tuple)) else target
         channels = self.head_spec['kwargs']['guide_channels']
@@ -237,8 +236,36 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         else:
             labels = torch.tensor([self.label_manager.all_labels[c] for c in channels], device=target.device)
             mask = torch.isin(target[:, :1].long(), labels)
-        keep = torch.rand(mask.shape[0], device=mask.device) < p
-        return (mask & keep.view(-1, *([1] * (mask.ndim - 1)))).float()
+        return mask
+
+    def _guide_target(self, guide_mask: Union[torch.Tensor, None]) -> Union[torch.Tensor, None]:
+        """The guide mask (``_guide_mask``) kept for each case with probability ``teacher_forcing`` (zero
+        otherwise: that case pools over the prediction), as float; None when there is no guide or teacher
+        forcing is off."""
+        p = self.teacher_forcing
+        if p <= 0 or guide_mask is None:
+            return None
+        if p >= 1:  # every case: no random draw, so the run's random streams stay those of no teacher forcing
+            return guide_mask.float()
+        keep = torch.rand(guide_mask.shape[0], device=guide_mask.device) < p
+        return (guide_mask & keep.view(-1, *([1] * (guide_mask.ndim - 1)))).float()
+
+    @torch.no_grad()
+    def _guide_share(self, segmentation, guide_mask, guide_target) -> List[float]:
+        """Per case whose patch holds the guide structure: the share of SegGuidedHead's pooling weight (at the
+        segmentation's resolution, as the head used it this step) that lies on the ground-truth structure. 1
+        means the head pooled only there; the structure's share of the foreground means it pooled the whole
+        foreground. Empty for other cases and heads (a list, which nnU-Net's ``collate_outputs`` concatenates)."""
+        if guide_mask is None:
+            return []
+        present = guide_mask.flatten(1).any(1)
+        if not bool(present.any()):
+            return []
+        full_resolution = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
+        weights = self._unwrapped_network().classification_head.pooling_weights(full_resolution, guide_target)
+        weights, mask = weights.flatten(1), guide_mask.flatten(1).float()
+        share = (weights * mask).sum(1) / weights.sum(1).clamp_min(1e-12)
+        return share[present].cpu().tolist()
 
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context()
@@ -283,8 +310,10 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
         with self._autocast():
+            guide_mask = self._guide_mask(target)
+            guide_target = self._guide_target(guide_mask)
             segmentation, class_logits = self.network(data, return_classification=True, detach_features=phase < 2,
-                                                      guide_target=self._guide_target(target))
+                                                      guide_target=guide_target)
             seg_loss = self.loss(segmentation, target)
             cls_loss = self.classification_loss(class_logits.float(), labels)
             # w = 0 in phase 0 still gives every head parameter a (zero) gradient, as DDP requires
@@ -307,7 +336,8 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         if scaler is not None:
             scaler.update()
         return {'loss': loss.detach().cpu().numpy(), 'seg_loss': seg_loss.detach().cpu().numpy(),
-                'cls_loss': cls_loss.detach().cpu().numpy()}
+                'cls_loss': cls_loss.detach().cpu().numpy(),
+                'guide_share': self._guide_share(segmentation, guide_mask, guide_target)}
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
@@ -315,6 +345,9 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         for key, log_key in (('seg_loss', 'train_seg_losses'), ('cls_loss', 'train_cls_losses')):
             self.logger.log(log_key, float(np.mean(np.concatenate(
                 [np.ravel(v) for v in self._gather(outputs[key])]))), self.current_epoch)
+        shares = np.array([s for g in self._gather(outputs['guide_share']) for s in g], dtype=float)
+        self.logger.log('train_guide_share', float(shares.mean()) if shares.size else float('nan'),
+                        self.current_epoch)
 
     # ------------------------------------------------------------------ validation (per epoch)
     @follows(nnUNetTrainer.validation_step, "d970a8588cf2")
@@ -385,6 +418,9 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         self.print_to_log_file('train_loss', np.round(get('train_losses'), 4),
                                'seg', np.round(get('train_seg_losses'), 4), 'cls', np.round(get('train_cls_losses'), 4))
         self.print_to_log_file('val_loss', np.round(get('val_losses'), 4))
+        if self.head_spec['class_name'] == 'SegGuidedHead':
+            self.print_to_log_file('Head pooling weight on the ground-truth guide structure (train):',
+                                   np.round(get('train_guide_share'), 4))
         self.print_to_log_file('Pseudo dice', [np.round(i, decimals=4) for i in get('dice_per_class_or_region')])
         self.print_to_log_file(f"Val macro-F1 {np.round(get('val_macro_f1'), 4)} accuracy "
                                f"{np.round(get('val_accuracy'), 4)} (per case, {self._val_cases_seen} cases); "
