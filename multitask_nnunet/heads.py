@@ -9,6 +9,9 @@ Every head has one interface::
 
     head(skips, segmentation_logits, guide_target=None) -> class logits (B, K)
 
+(a head whose ``decoder_stages`` is not empty also gets ``decoder_features={stage: tensor}``: the outputs of
+nnU-Net's decoder at those encoder stages' resolutions, kept by MultitaskUNet from the same pass).
+
 ``skips`` are the encoder's outputs, stage 0 (highest resolution) to the bottleneck; ``segmentation_logits``
 is the decoder's highest-resolution output of the same forward pass (B, C_seg, *spatial). ``guide_target``
 (training only, optional) is the ground-truth mask of the guide structure at the same resolution
@@ -19,6 +22,7 @@ as Faster R-CNN adds ground-truth boxes to its proposals). Heads work for 2d and
   probability of the structure that carries the class (the *guide*, detached), concatenated with the global
   average of the bottleneck, then a small MLP. A structure that fills well under 1% of the crop is invisible
   to a global average after instance norm; weighting by its predicted probability pools exactly there.
+  ``pool_decoder_stages`` (off by default) pools decoder features the same way.
 - ``GAPHead`` (the first design, kept for comparison): global average pooling of the bottleneck and an MLP.
 """
 import math
@@ -92,12 +96,18 @@ class SegGuidedHead(nn.Module):
     def __init__(self, encoder_channels: Sequence[int], num_classes: int, guide_channels: Sequence[int],
                  foreground_channels: Sequence[int], guide_activation: str = "sigmoid",
                  pool_stages: Optional[Sequence[int]] = None, hidden: Sequence[int] = (128,), dropout: float = 0.3,
-                 min_guide_voxels: float = 1.0, guide_top_fraction: float = 0.0):
+                 min_guide_voxels: float = 1.0, guide_top_fraction: float = 0.0,
+                 pool_decoder_stages: Sequence[int] = ()):
         super().__init__()
         if guide_activation not in ("sigmoid", "softmax"):
             raise ValueError(f"guide_activation must be 'sigmoid' or 'softmax', got {guide_activation!r}")
         n = len(encoder_channels)
         self.pool_stages = [s % n for s in (range(1, n) if pool_stages is None else pool_stages)]
+        # the decoder has outputs at encoder stages 0 .. n-2 (none at the bottleneck); MultitaskUNet reads this
+        if any(not -(n - 1) <= s < n - 1 for s in pool_decoder_stages):
+            raise ValueError(f"pool_decoder_stages {list(pool_decoder_stages)}: the decoder has outputs at encoder "
+                             f"stages 0..{n - 2} (or negative from the deepest)")
+        self.decoder_stages = [s % (n - 1) for s in pool_decoder_stages]
         self.guide_channels = [int(c) for c in guide_channels]
         self.foreground_channels = [int(c) for c in foreground_channels]
         self.guide_activation = guide_activation
@@ -105,8 +115,11 @@ class SegGuidedHead(nn.Module):
         if not 0.0 <= float(guide_top_fraction) <= 1.0:
             raise ValueError(f"guide_top_fraction must lie in [0, 1], got {guide_top_fraction!r}")
         self.guide_top_fraction = float(guide_top_fraction)
-        pooled = sum(int(encoder_channels[s]) for s in self.pool_stages) + int(encoder_channels[-1])
+        pooled = sum(int(encoder_channels[s]) for s in self.pool_stages + self.decoder_stages) + \
+            int(encoder_channels[-1])  # a decoder stage has the channels of the encoder stage it joins
         self.mlp = _mlp(pooled, hidden, num_classes, dropout)
+        #: the detached weights of the last forward pass in training mode (not a buffer: never in a checkpoint)
+        self.last_pooling_weights: Optional[torch.Tensor] = None
 
     @classmethod
     def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None, **overrides) -> dict:
@@ -116,7 +129,8 @@ class SegGuidedHead(nn.Module):
                 "guide_channels": list(guide["guide_channels"]),
                 "foreground_channels": list(guide["foreground_channels"]),
                 "guide_activation": guide["guide_activation"], "pool_stages": None, "hidden": [128],
-                "dropout": 0.3, "min_guide_voxels": 1.0, "guide_top_fraction": 0.0, **overrides}
+                "dropout": 0.3, "min_guide_voxels": 1.0, "guide_top_fraction": 0.0, "pool_decoder_stages": [],
+                **overrides}
 
     def _probability(self, probabilities: torch.Tensor, channels: List[int]) -> torch.Tensor:
         selected = probabilities[:, channels]
@@ -161,11 +175,14 @@ class SegGuidedHead(nn.Module):
         return (probability.flatten(1) * chosen).view_as(probability)
 
     def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: torch.Tensor,
-                guide_target: Optional[torch.Tensor] = None) -> torch.Tensor:
+                guide_target: Optional[torch.Tensor] = None,
+                decoder_features: Optional[Dict[int, torch.Tensor]] = None) -> torch.Tensor:
         weights = self.pooling_weights(segmentation_logits, guide_target)
+        if self.training:  # the trainer logs where the head pooled from these (no second computation)
+            self.last_pooling_weights = weights
         pooled = []
-        for s in self.pool_stages:
-            features = skips[s]
+        stages = [skips[s] for s in self.pool_stages] + [decoder_features[s] for s in self.decoder_stages]
+        for features in stages:
             w = _area_resize(weights, features.shape[2:])
             w = w / w.flatten(1).sum(1).clamp_min(1e-12).view(-1, *([1] * (w.ndim - 1)))
             # float32 on purpose: a weighted mean over ~10^6 voxels must not be accumulated in fp16

@@ -35,9 +35,9 @@ LABEL_GUIDE = {"guide_channels": [1], "foreground_channels": [1], "guide_activat
 
 
 def multitask(arch: str, dim: int, head_class: str = "SegGuidedHead", deep_supervision: bool = True,
-              num_classes: int = 3) -> MultitaskUNet:
+              num_classes: int = 3, **head_kwargs) -> MultitaskUNet:
     network = build(arch, dim, deep_supervision)
-    spec = plan_head(head_class, network.encoder.output_channels, num_classes, LABEL_GUIDE)
+    spec = plan_head(head_class, network.encoder.output_channels, num_classes, LABEL_GUIDE, **head_kwargs)
     return MultitaskUNet(network, build_head(spec))
 
 
@@ -118,6 +118,37 @@ def test_gradient_isolation(arch, dim, head_class):
         assert sum(float(p.grad.abs().sum()) for p in model.classification_head.parameters()) > 0
 
 
+@pytest.mark.parametrize("arch,dim", ARCHS)
+def test_decoder_pooling_head_gets_the_decoders_own_features(arch, dim):
+    """``pool_decoder_stages``: the head pools nnU-Net's decoder outputs at those resolutions (kept by hooks
+    from the same pass, not a second decoder run); detached in the head-only phases, and in the joint phase its
+    loss reaches the decoder. Nothing is held between passes, and the forward stays nnU-Net's."""
+    model = multitask(arch, dim, pool_stages=[], pool_decoder_stages=[0, 1])
+    head = model.classification_head
+    assert head.decoder_stages == [0, 1] and head.mlp[0].normalized_shape == (4 + 8 + 16,)
+    seen = {}
+    for i, stage in enumerate(model.decoder.stages):  # stage i outputs at encoder stage 1 - i here
+        stage.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(1 - i, out))
+    pooled = []
+    head.register_forward_hook(lambda m, args, kwargs, out: pooled.append(kwargs["decoder_features"]),
+                               with_kwargs=True)
+    target = torch.tensor([0, 2])
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    for detach in (True, False):
+        model.zero_grad(set_to_none=True)
+        _, logits = model.forward_multitask(batch(dim), detach_features=detach)
+        assert set(pooled[-1]) == {0, 1} and all(torch.equal(pooled[-1][k], seen[k]) for k in (0, 1))
+        assert model._decoder_features == {}
+        torch.nn.functional.cross_entropy(logits, target).backward()
+        decoder_grad = sum(float(p.grad.abs().sum()) for p in model.decoder.parameters()
+                           if id(p) not in encoder_ids and p.grad is not None)
+        assert (decoder_grad > 0) is (not detach)
+    model(batch(dim))  # segmentation only: the hooks keep nothing
+    assert model._decoder_features == {}
+    with pytest.raises(ValueError, match="pool_decoder_stages"):
+        multitask(arch, dim, pool_decoder_stages=[2])
+
+
 def _guided_head(activation="sigmoid", **kwargs) -> SegGuidedHead:
     return SegGuidedHead([1, 1], num_classes=2, guide_channels=[1], foreground_channels=[0, 1],
                          guide_activation=activation, pool_stages=[0], **kwargs)
@@ -186,6 +217,27 @@ def test_seg_guided_head_teacher_forcing_pools_over_the_ground_truth():
     head.eval()
     with torch.no_grad():  # the pooled feature follows the ground truth: the logits differ from the predicted guide's
         assert not torch.allclose(head(features, logits, target)[0], head(features, logits)[0])
+
+
+def test_seg_guided_head_keeps_its_training_pooling_weights_for_the_log():
+    """In training mode the head keeps the detached weights it pooled with (what the trainer logs as
+    ``train_guide_share``, without computing them twice); at inference it keeps nothing, and never in its state."""
+    head = _guided_head()
+    logits = torch.full((2, 2, 4, 8, 8), -30.0)
+    logits[:, 1, 1, 1, 1:4] = 30.0
+    target = torch.zeros(2, 1, 4, 8, 8)
+    target[0, 0, 2:4, 4:6, 4:6] = 1
+    features = [torch.randn(2, 1, 4, 8, 8, requires_grad=True), torch.randn(2, 1, 2, 4, 4)]
+    head.train()
+    head(features, logits, target).sum().backward()
+    assert torch.equal(head.last_pooling_weights, head.pooling_weights(logits, target))
+    assert not head.last_pooling_weights.requires_grad
+    assert "last_pooling_weights" not in head.state_dict()
+    kept = head.last_pooling_weights
+    head.eval()
+    with torch.no_grad():
+        head(features, logits)
+    assert head.last_pooling_weights is kept
 
 
 def test_head_specs_round_trip_and_old_checkpoints_load():

@@ -25,6 +25,10 @@ classes. Each one only sets the schedule, read from environment variables that t
 - ``MultitasknnUNetTrainer_ClsBenchPoolDeep`` and ``MultitasknnUNetTrainer_ClsBenchPoolShallow``: the default with
   the guide pooling only the bottleneck, or only stages 1 and 2 (the default pools stages 1 to 4). With
   ``--train-seed`` their segmentation is stock's bit for bit until the joint phase, so the head alone differs.
+- ``MultitasknnUNetTrainer_ClsBenchPoolDecoder``: the default with stages 1 to 3 pooled from nnU-Net's decoder
+  (its outputs at those resolutions) instead of the encoder, the bottleneck as in the default;
+  ``MultitasknnUNetTrainer_ClsBenchPoolBoth``: the default's encoder stages 1 to 4 plus the decoder's 1 to 3.
+  In the joint phase their classification loss also reaches the decoder.
 - ``MultitasknnUNetTrainer_ClsBenchTopK``: the default with ``guide_top_fraction=0.1``: while the lesion is
   predicted empty, the head pools the top-ranked tenth of the predicted pancreas by lesion probability.
 
@@ -45,7 +49,8 @@ __all__ = ["nnUNetTrainer_ClsBench", "nnUNetTrainer_ClsBenchRepeat", "Multitaskn
            "MultitasknnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchRepeat",
            "MultitasknnUNetTrainer_ClsBenchTF", "MultitasknnUNetTrainer_ClsBenchTF50",
            "MultitasknnUNetTrainer_ClsBenchSegNeutral", "MultitasknnUNetTrainer_ClsBenchPoolDeep",
-           "MultitasknnUNetTrainer_ClsBenchPoolShallow", "MultitasknnUNetTrainer_ClsBenchTopK"]
+           "MultitasknnUNetTrainer_ClsBenchPoolShallow", "MultitasknnUNetTrainer_ClsBenchPoolDecoder",
+           "MultitasknnUNetTrainer_ClsBenchPoolBoth", "MultitasknnUNetTrainer_ClsBenchTopK"]
 
 SCHEDULE_VARIABLES = {"num_epochs": "MULTITASK_BENCH_EPOCHS",
                       "num_iterations_per_epoch": "MULTITASK_BENCH_ITERATIONS",
@@ -150,6 +155,18 @@ class MultitasknnUNetTrainer_ClsBenchPoolShallow(MultitasknnUNetTrainer_ClsBench
     """As ``MultitasknnUNetTrainer_ClsBench``, with the guide pooling the two highest-resolution stages it can use
     (``pool_stages=[1, 2]``, beside the bottleneck's global average)."""
     head_kwargs = {"pool_stages": [1, 2]}
+
+
+class MultitasknnUNetTrainer_ClsBenchPoolDecoder(MultitasknnUNetTrainer_ClsBench):
+    """As ``MultitasknnUNetTrainer_ClsBench``, with stages 1 to 3 pooled from the decoder instead of the encoder
+    (``pool_stages=[-1]``, the bottleneck, which has no decoder output; ``pool_decoder_stages=[1, 2, 3]``: the
+    small plans' five stages, so the same resolutions as the default)."""
+    head_kwargs = {"pool_stages": [-1], "pool_decoder_stages": [1, 2, 3]}
+
+
+class MultitasknnUNetTrainer_ClsBenchPoolBoth(MultitasknnUNetTrainer_ClsBench):
+    """As ``MultitasknnUNetTrainer_ClsBench`` (encoder stages 1 to 4), plus the decoder's stages 1 to 3."""
+    head_kwargs = {"pool_decoder_stages": [1, 2, 3]}
 
 
 class MultitasknnUNetTrainer_ClsBenchTopK(MultitasknnUNetTrainer_ClsBench):

@@ -65,8 +65,8 @@ def class_activation_map(predictor, data: torch.Tensor, class_index: int, stage:
                 skips = module.encoder(padded[None])
                 s = resolve_stage(len(skips), stage)
                 segmentation = module.decoder(skips)
+                logits = module.classify(skips, segmentation)
                 segmentation = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
-                logits = head(skips, segmentation.detach())
             activation = skips[s]
             (gradient,) = torch.autograd.grad(logits[0, class_index].float(), activation)
             with torch.no_grad():

@@ -251,18 +251,18 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         return (guide_mask & keep.view(-1, *([1] * (guide_mask.ndim - 1)))).float()
 
     @torch.no_grad()
-    def _guide_share(self, segmentation, guide_mask, guide_target) -> List[float]:
+    def _guide_share(self, guide_mask) -> List[float]:
         """Per case whose patch holds the guide structure: the share of SegGuidedHead's pooling weight (at the
-        segmentation's resolution, as the head used it this step) that lies on the ground-truth structure. 1
-        means the head pooled only there; the structure's share of the foreground means it pooled the whole
-        foreground. Empty for other cases and heads (a list, which nnU-Net's ``collate_outputs`` concatenates)."""
+        segmentation's resolution, as the head used it in this step's forward pass, ``last_pooling_weights``)
+        that lies on the ground-truth structure. 1 means the head pooled only there; the structure's share of the
+        foreground means it pooled the whole foreground. Empty for other cases and heads (a list, which nnU-Net's
+        ``collate_outputs`` concatenates)."""
         if guide_mask is None:
             return []
         present = guide_mask.flatten(1).any(1)
-        if not bool(present.any()):
+        weights = getattr(self._unwrapped_network().classification_head, 'last_pooling_weights', None)
+        if weights is None or not bool(present.any()):
             return []
-        full_resolution = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
-        weights = self._unwrapped_network().classification_head.pooling_weights(full_resolution, guide_target)
         weights, mask = weights.flatten(1), guide_mask.flatten(1).float()
         share = (weights * mask).sum(1) / weights.sum(1).clamp_min(1e-12)
         return share[present].cpu().tolist()
@@ -337,7 +337,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
             scaler.update()
         return {'loss': loss.detach().cpu().numpy(), 'seg_loss': seg_loss.detach().cpu().numpy(),
                 'cls_loss': cls_loss.detach().cpu().numpy(),
-                'guide_share': self._guide_share(segmentation, guide_mask, guide_target)}
+                'guide_share': self._guide_share(guide_mask)}
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
