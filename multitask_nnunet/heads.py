@@ -91,13 +91,20 @@ class SegGuidedHead(nn.Module):
     structure looks like from the first epoch on, also while the segmentation has not found it yet (a lesion
     of < 1% of the crop is segmented late). Cases without it (no mask, the structure outside the patch, or not
     chosen for teacher forcing) use the prediction, as at inference.
+
+    ``attention`` (off by default) learns where to pool *within* the guide's weights: per pooled stage, a linear
+    score of each voxel's features (a 1x1 convolution, initialised to zero, so the head starts as the plain guide
+    pooling) reweights the guide, ``w * exp(score)``, normalised per case (attention-based multiple-instance
+    pooling restricted to the guide's support). While the guide falls back to the predicted foreground (a lesion
+    not segmented yet), the head can still learn from the class labels alone to pool where the class shows. The
+    scores see the same features as the pooling, so they are detached with them in the head-only phases.
     """
 
     def __init__(self, encoder_channels: Sequence[int], num_classes: int, guide_channels: Sequence[int],
                  foreground_channels: Sequence[int], guide_activation: str = "sigmoid",
                  pool_stages: Optional[Sequence[int]] = None, hidden: Sequence[int] = (128,), dropout: float = 0.3,
                  min_guide_voxels: float = 1.0, guide_top_fraction: float = 0.0,
-                 pool_decoder_stages: Sequence[int] = ()):
+                 pool_decoder_stages: Sequence[int] = (), attention: bool = False):
         super().__init__()
         if guide_activation not in ("sigmoid", "softmax"):
             raise ValueError(f"guide_activation must be 'sigmoid' or 'softmax', got {guide_activation!r}")
@@ -115,11 +122,22 @@ class SegGuidedHead(nn.Module):
         if not 0.0 <= float(guide_top_fraction) <= 1.0:
             raise ValueError(f"guide_top_fraction must lie in [0, 1], got {guide_top_fraction!r}")
         self.guide_top_fraction = float(guide_top_fraction)
-        pooled = sum(int(encoder_channels[s]) for s in self.pool_stages + self.decoder_stages) + \
-            int(encoder_channels[-1])  # a decoder stage has the channels of the encoder stage it joins
+        # a decoder stage has the channels of the encoder stage it joins
+        stage_channels = [int(encoder_channels[s]) for s in self.pool_stages + self.decoder_stages]
+        pooled = sum(stage_channels) + int(encoder_channels[-1])
+        self.attention = None
+        if attention:
+            self.attention = nn.ModuleList(nn.Linear(c, 1) for c in stage_channels)
+            for score in self.attention:  # zero scores: the plain guide pooling until the head learns otherwise
+                nn.init.zeros_(score.weight)
+                nn.init.zeros_(score.bias)
         self.mlp = _mlp(pooled, hidden, num_classes, dropout)
-        #: the detached weights of the last forward pass in training mode (not a buffer: never in a checkpoint)
+        #: the detached weights of the last forward pass in training mode, or in any mode while
+        #: ``keep_pooling_weights`` is set (the saliency pass) (not a buffer: never in a checkpoint): the guide's,
+        #: at the segmentation's resolution; with ``attention``, the attended weights of the first pooled stage,
+        #: at that stage's grid (where the head actually pooled)
         self.last_pooling_weights: Optional[torch.Tensor] = None
+        self.keep_pooling_weights = False
 
     @classmethod
     def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None, **overrides) -> dict:
@@ -130,7 +148,7 @@ class SegGuidedHead(nn.Module):
                 "foreground_channels": list(guide["foreground_channels"]),
                 "guide_activation": guide["guide_activation"], "pool_stages": None, "hidden": [128],
                 "dropout": 0.3, "min_guide_voxels": 1.0, "guide_top_fraction": 0.0, "pool_decoder_stages": [],
-                **overrides}
+                "attention": False, **overrides}
 
     def _probability(self, probabilities: torch.Tensor, channels: List[int]) -> torch.Tensor:
         selected = probabilities[:, channels]
@@ -178,21 +196,36 @@ class SegGuidedHead(nn.Module):
                 guide_target: Optional[torch.Tensor] = None,
                 decoder_features: Optional[Dict[int, torch.Tensor]] = None) -> torch.Tensor:
         weights = self.pooling_weights(segmentation_logits, guide_target)
-        if self.training:  # the trainer logs where the head pooled from these (no second computation)
+        keep = self.training or self.keep_pooling_weights  # the training log and the saliency pass read these
+        if keep:
             self.last_pooling_weights = weights
         pooled = []
         stages = [skips[s] for s in self.pool_stages] + [decoder_features[s] for s in self.decoder_stages]
-        for features in stages:
-            w = _area_resize(weights, features.shape[2:])
-            w = w / w.flatten(1).sum(1).clamp_min(1e-12).view(-1, *([1] * (w.ndim - 1)))
+        for index, features in enumerate(stages):
             # float32 on purpose: a weighted mean over ~10^6 voxels must not be accumulated in fp16
             with torch.autocast(features.device.type, enabled=False):
-                pooled.append(torch.bmm(features.float().flatten(2), w.flatten(2).transpose(1, 2))[..., 0])
+                flat = features.float().flatten(2)  # (B, C, N)
+                w = area_resize(weights, features.shape[2:]).flatten(1)  # (B, N)
+                if self.attention is not None:
+                    w = _attend(w, self.attention[index](flat.transpose(1, 2))[..., 0])
+                    if keep and index == 0:
+                        self.last_pooling_weights = w.detach().view(-1, 1, *features.shape[2:])
+                w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+                pooled.append(torch.bmm(flat, w[..., None])[..., 0])
         pooled.append(_spatial_mean(skips[-1]))
         return self.mlp(torch.cat(pooled, 1))
 
 
-def _area_resize(weights: torch.Tensor, size) -> torch.Tensor:
+def _attend(weights: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``weights * exp(scores)`` per case (B, N), computed stably: the scores are shifted by their maximum over
+    the weights' support, so nothing overflows and voxels outside the support keep weight zero."""
+    inside = weights > 0
+    shift = torch.where(inside, scores, torch.full_like(scores, -torch.inf)).amax(1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # an all-zero case stays zero
+    return weights * torch.exp(torch.where(inside, scores - shift, torch.zeros_like(scores)))
+
+
+def area_resize(weights: torch.Tensor, size) -> torch.Tensor:
     size = tuple(int(s) for s in size)
     if tuple(weights.shape[2:]) == size:
         return weights

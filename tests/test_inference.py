@@ -330,6 +330,39 @@ def breakdown_table(stdout: str) -> dict:
     return table
 
 
+def expected_paths(trained) -> dict:
+    """Auto mode's path per synthetic test case: ``whole`` where the preprocessed volume (here the image's own
+    grid: the synthetic data has the plans' spacing) fits in the patch on every axis, else ``sliding``."""
+    patch = json.loads((trained.results / "plans.json").read_text())["configurations"]["3d_fullres"]["patch_size"]
+    paths = {}
+    for image_path in sorted((trained.source / "test").glob("*_0000.nii.gz")):
+        shape = sitk.ReadImage(str(image_path)).GetSize()[::-1]
+        paths[image_path.name.replace("_0000.nii.gz", "")] = \
+            "whole" if all(s <= p for s, p in zip(shape, patch)) else "sliding"
+    assert set(paths.values()) == {"whole", "sliding"}  # the data has both kinds of case
+    return paths
+
+
+def test_auto_mode_runs_one_pass_only_for_volumes_that_fit_in_the_patch(trained, case_predictor):
+    """Auto mode's rule: a whole-volume pass where the sliding window would run one tile (the volume fits in the
+    patch on every axis), the sliding window for anything larger; ``--max-whole-voxels`` opts into larger passes
+    by voxel count, whatever the shape."""
+    import torch
+    predictor = case_predictor.predictor
+    patch = [int(p) for p in predictor.configuration_manager.patch_size]
+    fits, longer = torch.zeros(1, *patch), torch.zeros(1, patch[0] + 1, *patch[1:])
+    flatter = torch.zeros(1, patch[0] * 2, patch[1] // 2, *patch[2:])  # the patch's voxel count, another shape
+    assert predictor.mode == "auto" and predictor.max_whole_volume_voxels is None
+    assert predictor._use_whole_volume(fits) and not predictor._use_whole_volume(longer)
+    assert not predictor._use_whole_volume(flatter)
+    predictor.max_whole_volume_voxels = 2 * int(np.prod(patch))
+    try:
+        assert predictor._use_whole_volume(longer) and predictor._use_whole_volume(flatter)
+        assert not predictor._use_whole_volume(torch.zeros(1, patch[0] * 3, *patch[1:]))
+    finally:
+        predictor.max_whole_volume_voxels = None
+
+
 def test_time_breakdown_sums_to_wall_time(trained, test_run):
     table = breakdown_table(test_run.stdout)
     assert set(STAGES) <= set(table), test_run.stdout
@@ -343,8 +376,10 @@ def test_time_breakdown_sums_to_wall_time(trained, test_run):
     profile = json.loads(test_run.profile.read_text())
     names = sorted(p.name.replace("_0000.nii.gz", "") for p in (trained.source / "test").glob("*_0000.nii.gz"))
     assert sorted(c["name"] for c in profile["cases"]) == names
+    # auto mode: one pass for the cases that fit in the patch, the sliding window for those a little larger
+    assert {c["name"]: c["path"] for c in profile["cases"]} == expected_paths(trained)
     for case in profile["cases"]:
-        assert case["path"] == "whole" and case["class_name"] in ("subtype0", "subtype1", "subtype2")
+        assert case["class_name"] in ("subtype0", "subtype1", "subtype2")
         assert all(case[f"{stage}_s"] >= 0 for stage in ("read", "preprocess", "network", "export", "write"))
     assert abs(profile["stages_wall_sum_s"] + profile["other_s"] - profile["wall_s"]) < 1e-3
     for stage in STAGES:
@@ -376,7 +411,7 @@ def test_one_case_api_matches_the_batch_command(trained, test_prediction, case_p
         name = image_path.name.replace("_0000", "")
         expected = sitk.GetArrayFromImage(sitk.ReadImage(str(test_prediction / name)))
         result = case_predictor.predict_case([image_path])
-        assert result.name == name.replace(".nii.gz", "") and result.path == "whole"
+        assert result.name == name.replace(".nii.gz", "") and result.path == expected_paths(trained)[result.name]
         np.testing.assert_array_equal(result.segmentation, expected)
         assert result.class_index == classes[name] and result.class_name == case_predictor.class_names[classes[name]]
         np.testing.assert_allclose(result.probabilities, probs[name], atol=2e-6)
@@ -413,6 +448,7 @@ def test_safety_nets_out_of_memory_fallback_and_non_finite_output(trained, case_
         raise torch.OutOfMemoryError("simulated")
 
     with monkeypatch.context() as m:  # the whole-volume pass runs out of memory: the sliding window takes over
+        m.setattr(network, "mode", "whole")
         m.setattr(network, "_predict_whole", out_of_memory)
         fallback = case_predictor.predict_case([image_path])
     with monkeypatch.context() as m:

@@ -94,12 +94,13 @@ def test_seg_guided_head_pools_stages_one_on_plus_bottleneck():
     assert head.mlp[0].normalized_shape == (8 + 16 + 16,)  # stages 1 and 2, plus the bottleneck's global average
 
 
-@pytest.mark.parametrize("head_class", sorted(HEADS))
+@pytest.mark.parametrize("head_class,head_kwargs", [(name, {}) for name in sorted(HEADS)] +
+                         [("SegGuidedHead", {"attention": True})])
 @pytest.mark.parametrize("arch,dim", ARCHS)
-def test_gradient_isolation(arch, dim, head_class):
+def test_gradient_isolation(arch, dim, head_class, head_kwargs):
     """Warm-up and phase 1 (detached features): the classification loss sends exactly zero gradient into the
     encoder and decoder but trains the head; phase 2: it reaches the encoder."""
-    model = multitask(arch, dim, head_class)
+    model = multitask(arch, dim, head_class, **head_kwargs)
     target = torch.tensor([0, 2])
     for detach, encoder_gets_gradient in ((True, False), (False, True)):
         model.zero_grad(set_to_none=False)
@@ -217,6 +218,66 @@ def test_seg_guided_head_teacher_forcing_pools_over_the_ground_truth():
     head.eval()
     with torch.no_grad():  # the pooled feature follows the ground truth: the logits differ from the predicted guide's
         assert not torch.allclose(head(features, logits, target)[0], head(features, logits)[0])
+
+
+def test_seg_guided_head_attention_learns_where_to_pool_within_the_guide():
+    """``attention=True``: zero-initialised scores give exactly the plain guide pooling; scores learned from the
+    class loss alone (the lesion not segmented, the guide fallen back to the foreground) move the pooling onto
+    the voxels that carry the class, never outside the guide's support, without overflow for large scores."""
+    def head(**kwargs):
+        return SegGuidedHead([2, 1], num_classes=2, guide_channels=[1], foreground_channels=[0, 1],
+                             pool_stages=[0], **kwargs)
+    torch.manual_seed(0)
+    plain, attending = head(), head(attention=True)
+    attending.mlp.load_state_dict(plain.mlp.state_dict())
+    plain.eval(), attending.eval()
+    logits = torch.full((2, 2, 4, 8, 8), -30.0)
+    logits[:, 0, :, :, :4] = 30.0                      # foreground predicted, no guide: the fallback pools it
+    features = [torch.zeros(2, 2, 4, 8, 8), torch.zeros(2, 1, 2, 4, 4)]
+    features[0][:, 1] = 1.0                            # channel 1: the same everywhere
+    features[0][1, 0, 1, 1, 1] = 5.0                   # case 1 (class 1): one "lesion" voxel in the foreground
+    features[0][:, 0, 3, 7, 7] = 9.0                   # both cases: a brighter voxel outside it
+    torch.testing.assert_close(attending(features, logits), plain(features, logits))
+    assert [p.shape for p in attending.attention.parameters()] == [(1, 2), (1,)]
+    pooled = []
+    attending.mlp.register_forward_hook(lambda m, args, out: pooled.append(args[0][:, 0].detach()))
+    attending.train()
+    optimizer = torch.optim.Adam(attending.parameters(), lr=0.05)
+    for _ in range(100):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(attending(features, logits), torch.tensor([0, 1])).backward()
+        optimizer.step()
+    kept = attending.last_pooling_weights  # what the trainer logs: where the first pooled stage pooled
+    assert kept.shape == (2, 1, 4, 8, 8) and float(kept[1, 0, 1, 1, 1] / kept[1].sum()) > 0.5
+    attending.eval()
+    with torch.no_grad():
+        attending(features, logits)
+    # the plain pooling's mean over the foreground is 5/128 in case 1; learned, the lesion voxel holds most of
+    # the weight, and the brighter voxel outside the guide's support none (the pooled value would exceed 5)
+    assert float(pooled[0][1]) == pytest.approx(5 / 128) and 2.5 < float(pooled[-1][1]) <= 5.0
+    assert float(pooled[-1][0]) == 0.0
+    with torch.no_grad():
+        attending.attention[0].weight.fill_(1e4)
+        assert torch.isfinite(attending(features, logits)).all()
+        from multitask_nnunet.heads import _attend
+        weights = _attend(torch.tensor([[0.0, 1.0, 1.0, 0.5]]), torch.tensor([[1e5, 3.0, 1e4, 1e4]]))
+        torch.testing.assert_close(weights, torch.tensor([[0.0, 0.0, 1.0, 0.5]]))
+
+
+def test_logged_guide_share_reads_the_attended_weights_at_their_own_grid():
+    """The trainer's ``train_guide_share`` with an attention head: the attended weights of the first pooled stage
+    (half the segmentation's resolution here) against the ground-truth mask area-averaged to that grid."""
+    from types import SimpleNamespace
+    from multitask_nnunet.training.trainer import MultitasknnUNetTrainer
+    head = SimpleNamespace(last_pooling_weights=torch.zeros(2, 1, 2, 4, 4))
+    head.last_pooling_weights[:, 0, 0, 0, 0] = 3.0     # both cases: 3/4 of the weight on the first coarse voxel
+    head.last_pooling_weights[:, 0, 1, 3, 3] = 1.0
+    trainer = SimpleNamespace(_unwrapped_network=lambda: SimpleNamespace(classification_head=head))
+    mask = torch.zeros(2, 1, 4, 8, 8, dtype=torch.bool)
+    mask[0, 0, :2, :2, :2] = True                      # case 0: the whole first coarse voxel
+    mask[1, 0, 0, 0, 0] = True                         # case 1: an eighth of it
+    share = MultitasknnUNetTrainer._guide_share(trainer, mask)
+    assert share == pytest.approx([0.75, 0.75 / 8])
 
 
 def test_seg_guided_head_keeps_its_training_pooling_weights_for_the_log():

@@ -31,6 +31,9 @@ classes. Each one only sets the schedule, read from environment variables that t
   In the joint phase their classification loss also reaches the decoder.
 - ``MultitasknnUNetTrainer_ClsBenchTopK``: the default with ``guide_top_fraction=0.1``: while the lesion is
   predicted empty, the head pools the top-ranked tenth of the predicted pancreas by lesion probability.
+- ``MultitasknnUNetTrainer_ClsBenchAttn``: the default with ``attention=True``: a learned score per voxel reweights
+  the guide's pooling, so while the lesion is predicted empty the head can learn to pool where the class shows
+  within the predicted pancreas.
 
 TechReport 6.0 lists which class ran under which name (the defaults changed while they were measured).
 
@@ -50,7 +53,8 @@ __all__ = ["nnUNetTrainer_ClsBench", "nnUNetTrainer_ClsBenchRepeat", "Multitaskn
            "MultitasknnUNetTrainer_ClsBenchTF", "MultitasknnUNetTrainer_ClsBenchTF50",
            "MultitasknnUNetTrainer_ClsBenchSegNeutral", "MultitasknnUNetTrainer_ClsBenchPoolDeep",
            "MultitasknnUNetTrainer_ClsBenchPoolShallow", "MultitasknnUNetTrainer_ClsBenchPoolDecoder",
-           "MultitasknnUNetTrainer_ClsBenchPoolBoth", "MultitasknnUNetTrainer_ClsBenchTopK"]
+           "MultitasknnUNetTrainer_ClsBenchPoolBoth", "MultitasknnUNetTrainer_ClsBenchTopK",
+           "MultitasknnUNetTrainer_ClsBenchAttn"]
 
 SCHEDULE_VARIABLES = {"num_epochs": "MULTITASK_BENCH_EPOCHS",
                       "num_iterations_per_epoch": "MULTITASK_BENCH_ITERATIONS",
@@ -174,3 +178,9 @@ class MultitasknnUNetTrainer_ClsBenchTopK(MultitasknnUNetTrainer_ClsBench):
     head pools the 10% of the predicted pancreas voxels with the highest lesion probability (in training and at
     inference), not the whole pancreas."""
     head_kwargs = {"guide_top_fraction": 0.1}
+
+
+class MultitasknnUNetTrainer_ClsBenchAttn(MultitasknnUNetTrainer_ClsBench):
+    """As ``MultitasknnUNetTrainer_ClsBench``, with ``attention=True``: a learned per-voxel score (zero at the
+    start) reweights the guide's pooling at every pooled stage, in training and at inference."""
+    head_kwargs = {"attention": True}

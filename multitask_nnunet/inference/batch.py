@@ -296,11 +296,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else cpu")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (off by default)")
     p.add_argument("--mode", choices=["auto", "whole", "sliding"], default="auto",
-                   help="auto (default): whole volume in one pass when it has at most --max-whole-voxels "
-                        "voxels after preprocessing, else (or when CUDA runs out of memory) sliding window")
+                   help="auto (default): whole volume in one pass when it fits in the patch after preprocessing "
+                        "(or has at most --max-whole-voxels voxels), else (or when CUDA runs out of memory) "
+                        "sliding window")
     p.add_argument("--max-whole-voxels", type=int, metavar="N",
-                   help="largest preprocessed volume (voxels) for a whole-volume pass in auto mode (default: twice "
-                        "the patch's voxels)")
+                   help="auto mode: run volumes of up to N preprocessed voxels in one pass, whatever their shape "
+                        "(default: only volumes that fit in the patch on every axis; larger passes drift from "
+                        "the sliding window's result, TechReport 6.0)")
     p.add_argument("--device-preprocessing", action=argparse.BooleanOptionalAction, default=None,
                    help="normalise and resample each case on the prediction device with torch, matching nnU-Net's "
                         "CPU preprocessing to float32 rounding (default: on with CUDA, off on CPU)")

@@ -5,7 +5,8 @@ It subclasses nnU-Net's ``nnUNetPredictor`` to reuse its model-folder handling, 
 network call also yields class logits, and how those are combined:
 
 - whole-volume mode: the preprocessed volume is padded to at least the patch size and to the network's
-  divisibility and run in one pass (FP16 autocast on CUDA, fp32 on CPU); the class comes from that pass.
+  divisibility and run in one pass (FP16 autocast on CUDA, fp32 on CPU); the class comes from that pass. Auto
+  mode takes it for volumes that fit in the patch (``_use_whole_volume``).
 - sliding-window mode: nnU-Net's Gaussian-weighted tiles for segmentation; the class probabilities are the
   average of the tiles' softmax outputs, each tile weighted by its predicted foreground mass (sum of the
   Gaussian-weighted foreground probability) plus a small floor, so every tile counts and tiles that see the
@@ -43,10 +44,11 @@ from multitask_nnunet.registration import DEFAULT_ARCHITECTURE_TRAINERS, ext_tra
 # floor added to each tile's foreground mass, relative to the tile's Gaussian mass
 TILE_WEIGHT_FLOOR = 1e-3
 MODES = ("auto", "whole", "sliding")
-# auto mode's default limit for a whole-volume pass, in patch volumes: the network was trained on patches, and
-# its whole-volume output drifts from the sliding window's as the volume outgrows the patch (measured on the
-# synthetic model: foreground Dice vs stock 0.977 at 1.5x the patch volume, 0.89 at 3x)
-WHOLE_VOLUME_PATCH_FACTOR = 2
+# auto mode runs a volume in one pass only when it fits in the patch on every axis, where the sliding window
+# would run one tile too (same padding, same result up to float rounding). The network was trained on patches:
+# a whole-volume pass over a larger volume drifts from the sliding window's output, and on crops only 1.1-1.3
+# times the patch it cost lesion Dice in 10 of 14 checkpoints (TechReport 6.0; up to -0.23). ``--max-whole-voxels``
+# opts into larger passes by voxel count.
 # which path a case took: the whole volume in one pass, the sliding window, or a fallback after running out of
 # memory (whole volume -> sliding window, sliding window accumulated on the GPU -> on the CPU)
 WHOLE, SLIDING, FALLBACK = "whole", "sliding", "fallback"
@@ -270,10 +272,9 @@ class MultitaskPredictor(nnUNetPredictor):
     def _use_whole_volume(self, data: torch.Tensor) -> bool:
         if self.mode != "auto":
             return self.mode == "whole"
-        limit = self.max_whole_volume_voxels
-        if limit is None:
-            limit = WHOLE_VOLUME_PATCH_FACTOR * int(np.prod(self.configuration_manager.patch_size))
-        return int(np.prod(data.shape[1:])) <= limit
+        if self.max_whole_volume_voxels is not None:
+            return int(np.prod(data.shape[1:])) <= self.max_whole_volume_voxels
+        return all(s <= p for s, p in zip(data.shape[1:], self.configuration_manager.patch_size))
 
     @torch.inference_mode()
     def predict_preprocessed_case(self, data: torch.Tensor) -> PreprocessedPrediction:

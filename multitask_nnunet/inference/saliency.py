@@ -23,6 +23,7 @@ first and then weighs every voxel's activation by it, which spreads the map over
 lesion dilated by 2 voxels (2.6-5.1% of the volume), against 8% (4-15%) of Grad-CAM's (TechReport 6.5,
 ``benchmarks/saliency_localisation.py``).
 """
+from contextlib import contextmanager
 from typing import Optional, Tuple
 
 import numpy as np
@@ -54,7 +55,7 @@ def class_activation_map(predictor, data: torch.Tensor, class_index: int, stage:
     module = predictor._module()
     head = module.classification_head
     cams, pools = [], []
-    with torch.inference_mode(False), torch.enable_grad():
+    with _pooling_weights_kept(head) as keeps_weights, torch.inference_mode(False), torch.enable_grad():
         x = data.to(predictor.device).clone()  # a normal tensor (the prepared one may be an inference tensor)
         padded, revert = pad_nd_image(x, predictor.configuration_manager.patch_size, "constant", {"value": 0}, True,
                                       module.divisibility())
@@ -76,12 +77,30 @@ def class_activation_map(predictor, data: torch.Tensor, class_index: int, stage:
                 cam = F.interpolate(cam, size=padded.shape[1:], mode="trilinear" if cam.ndim == 5 else "bilinear",
                                     align_corners=False)[0, 0][crop]
                 cams.append(_normalised(cam).cpu())
-                if hasattr(head, "pooling_weights"):
-                    pools.append(_normalised(head.pooling_weights(segmentation.detach())[0, 0][crop].float()).cpu())
+                if keeps_weights:  # as the head pooled in this pass (attention: its first pooled stage's grid)
+                    pool = head.last_pooling_weights.float()
+                    if pool.shape[2:] != padded.shape[1:]:
+                        pool = F.interpolate(pool, size=padded.shape[1:], mode="trilinear" if pool.ndim == 5 else
+                                             "bilinear", align_corners=False)
+                    pools.append(_normalised(pool[0, 0][crop]).cpu())
             del skips, segmentation, logits, activation, gradient
     cam = _normalised(torch.stack(cams).mean(0))
     pool = _normalised(torch.stack(pools).mean(0)) if pools else None
     return cam, pool
+
+
+@contextmanager
+def _pooling_weights_kept(head):
+    """Yields whether the head keeps the weights it pools with (SegGuidedHead, ``keep_pooling_weights``): the
+    saliency pass reads them from its own forward instead of computing them again; dropped afterwards."""
+    if not hasattr(head, "keep_pooling_weights"):
+        yield False
+        return
+    head.keep_pooling_weights = True
+    try:
+        yield True
+    finally:
+        head.keep_pooling_weights, head.last_pooling_weights = False, None
 
 
 def segmentation_entropy(logits: torch.Tensor, has_regions: bool) -> torch.Tensor:

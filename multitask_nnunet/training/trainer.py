@@ -51,7 +51,7 @@ from multitask_nnunet.calibration import CALIBRATION_JSON, fit_calibration, writ
 from multitask_nnunet.class_csv import write_class_csvs
 from multitask_nnunet.class_labels import class_labels_for_cases, class_weights, read_class_labels
 from multitask_nnunet.evaluation.metrics import classification_metrics, mean_probabilities_per_case
-from multitask_nnunet.heads import build_head, plan_head, resolve_guide
+from multitask_nnunet.heads import area_resize, build_head, plan_head, resolve_guide
 from multitask_nnunet.nnunet_copies import follows
 from multitask_nnunet.network import MultitaskUNet, merge_state_dict, split_state_dict
 from multitask_nnunet.training.logger import MultitaskLocalLogger
@@ -252,9 +252,10 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
 
     @torch.no_grad()
     def _guide_share(self, guide_mask) -> List[float]:
-        """Per case whose patch holds the guide structure: the share of SegGuidedHead's pooling weight (at the
-        segmentation's resolution, as the head used it in this step's forward pass, ``last_pooling_weights``)
-        that lies on the ground-truth structure. 1 means the head pooled only there; the structure's share of the
+        """Per case whose patch holds the guide structure: the share of SegGuidedHead's pooling weight (as the
+        head used it in this step's forward pass, ``last_pooling_weights``: at the segmentation's resolution, or
+        with ``attention`` at its first pooled stage's, the mask area-averaged to that grid) that lies on the
+        ground-truth structure. 1 means the head pooled only there; the structure's share of the
         foreground means it pooled the whole foreground. Empty for other cases and heads (a list, which nnU-Net's
         ``collate_outputs`` concatenates)."""
         if guide_mask is None:
@@ -263,7 +264,8 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         weights = getattr(self._unwrapped_network().classification_head, 'last_pooling_weights', None)
         if weights is None or not bool(present.any()):
             return []
-        weights, mask = weights.flatten(1), guide_mask.flatten(1).float()
+        mask = area_resize(guide_mask.float(), weights.shape[2:])
+        weights, mask = weights.flatten(1), mask.flatten(1)
         share = (weights * mask).sum(1) / weights.sum(1).clamp_min(1e-12)
         return share[present].cpu().tolist()
 
