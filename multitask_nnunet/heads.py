@@ -22,7 +22,8 @@ as Faster R-CNN adds ground-truth boxes to its proposals). Heads work for 2d and
   probability of the structure that carries the class (the *guide*, detached), concatenated with the global
   average of the bottleneck, then a small MLP. A structure that fills well under 1% of the crop is invisible
   to a global average after instance norm; weighting by its predicted probability pools exactly there.
-  ``pool_decoder_stages`` (off by default) pools decoder features the same way.
+  ``pool_decoder_stages`` (off by default) pools decoder features the same way; ``attention`` (on by default)
+  learns a per-voxel score that reweights the guide within its support.
 - ``GAPHead`` (the first design, kept for comparison): global average pooling of the bottleneck and an MLP.
 """
 import math
@@ -92,7 +93,8 @@ class SegGuidedHead(nn.Module):
     of < 1% of the crop is segmented late). Cases without it (no mask, the structure outside the patch, or not
     chosen for teacher forcing) use the prediction, as at inference.
 
-    ``attention`` (off by default) learns where to pool *within* the guide's weights: per pooled stage, a linear
+    ``attention`` (planned on by default since 2026-12-02; the constructor's False keeps older checkpoints, whose
+    kwargs lack it, as they were trained) learns where to pool *within* the guide's weights: per pooled stage, a linear
     score of each voxel's features (a 1x1 convolution, initialised to zero, so the head starts as the plain guide
     pooling) reweights the guide, ``w * exp(score)``, normalised per case (attention-based multiple-instance
     pooling restricted to the guide's support). While the guide falls back to the predicted foreground (a lesion
@@ -148,7 +150,7 @@ class SegGuidedHead(nn.Module):
                 "foreground_channels": list(guide["foreground_channels"]),
                 "guide_activation": guide["guide_activation"], "pool_stages": None, "hidden": [128],
                 "dropout": 0.3, "min_guide_voxels": 1.0, "guide_top_fraction": 0.0, "pool_decoder_stages": [],
-                "attention": False, **overrides}
+                "attention": True, **overrides}
 
     def _probability(self, probabilities: torch.Tensor, channels: List[int]) -> torch.Tensor:
         selected = probabilities[:, channels]

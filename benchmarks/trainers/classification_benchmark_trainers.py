@@ -31,9 +31,10 @@ classes. Each one only sets the schedule, read from environment variables that t
   In the joint phase their classification loss also reaches the decoder.
 - ``MultitasknnUNetTrainer_ClsBenchTopK``: the default with ``guide_top_fraction=0.1``: while the lesion is
   predicted empty, the head pools the top-ranked tenth of the predicted pancreas by lesion probability.
-- ``MultitasknnUNetTrainer_ClsBenchAttn``: the default with ``attention=True``: a learned score per voxel reweights
-  the guide's pooling, so while the lesion is predicted empty the head can learn to pool where the class shows
-  within the predicted pancreas.
+- ``MultitasknnUNetTrainer_ClsBenchAttn``: ``attention=True``: a learned score per voxel reweights the guide's
+  pooling, so while the lesion is predicted empty the head can learn to pool where the class shows within the
+  predicted pancreas. The package's default since 2026-12-02 (measured as this class against the default of the
+  time); ``MultitasknnUNetTrainer_ClsBenchNoAttn`` is the default without it (the default before).
 
 TechReport 6.0 lists which class ran under which name (the defaults changed while they were measured).
 
@@ -54,7 +55,7 @@ __all__ = ["nnUNetTrainer_ClsBench", "nnUNetTrainer_ClsBenchRepeat", "Multitaskn
            "MultitasknnUNetTrainer_ClsBenchSegNeutral", "MultitasknnUNetTrainer_ClsBenchPoolDeep",
            "MultitasknnUNetTrainer_ClsBenchPoolShallow", "MultitasknnUNetTrainer_ClsBenchPoolDecoder",
            "MultitasknnUNetTrainer_ClsBenchPoolBoth", "MultitasknnUNetTrainer_ClsBenchTopK",
-           "MultitasknnUNetTrainer_ClsBenchAttn"]
+           "MultitasknnUNetTrainer_ClsBenchAttn", "MultitasknnUNetTrainer_ClsBenchNoAttn"]
 
 SCHEDULE_VARIABLES = {"num_epochs": "MULTITASK_BENCH_EPOCHS",
                       "num_iterations_per_epoch": "MULTITASK_BENCH_ITERATIONS",
@@ -184,3 +185,9 @@ class MultitasknnUNetTrainer_ClsBenchAttn(MultitasknnUNetTrainer_ClsBench):
     """As ``MultitasknnUNetTrainer_ClsBench``, with ``attention=True``: a learned per-voxel score (zero at the
     start) reweights the guide's pooling at every pooled stage, in training and at inference."""
     head_kwargs = {"attention": True}
+
+
+class MultitasknnUNetTrainer_ClsBenchNoAttn(MultitasknnUNetTrainer_ClsBench):
+    """As ``MultitasknnUNetTrainer_ClsBench`` without the attention (``attention=False``): the plain guided pooling,
+    the default until 2026-12-02."""
+    head_kwargs = {"attention": False}

@@ -94,9 +94,11 @@ class MultitaskPredictor(nnUNetPredictor):
             raise InputError(f"--mode must be one of {MODES}, got '{mode}'")
         self.mode = mode
         self.max_whole_volume_voxels = max_whole_volume_voxels
-        if device.type == "cuda" and mode != "sliding":
-            # nnU-Net turns cuDNN's autotuner on for its fixed-size tiles; whole volumes have a new shape nearly
-            # every case, and re-tuning each one would cost more than it saves
+        if device.type == "cuda" and (mode == "whole" or max_whole_volume_voxels is not None):
+            # nnU-Net turns cuDNN's autotuner on for its fixed-size tiles; whole volumes larger than the patch have a
+            # new shape nearly every case, and re-tuning each one would cost more than it saves. Auto mode's own
+            # rule feeds the network patch-sized inputs only (a volume that fits is padded to the patch), so it
+            # keeps the autotuner
             torch.backends.cudnn.benchmark = False
         self._loaded_parameters: Optional[int] = None  # index into list_of_parameters held by the network
 
