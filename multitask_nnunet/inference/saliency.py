@@ -74,19 +74,21 @@ def class_activation_map(predictor, data: torch.Tensor, class_index: int, stage:
                 weights = gradient.float() if method == "hirescam" else \
                     gradient.float().mean(dim=tuple(range(2, gradient.ndim)), keepdim=True)
                 cam = F.relu((weights * activation.float()).sum(1, keepdim=True))
-                cam = F.interpolate(cam, size=padded.shape[1:], mode="trilinear" if cam.ndim == 5 else "bilinear",
-                                    align_corners=False)[0, 0][crop]
-                cams.append(_normalised(cam).cpu())
+                cams.append(_normalised(_upsampled(cam, padded.shape[1:])[0, 0][crop]).cpu())
                 if keeps_weights:  # as the head pooled in this pass (attention: its first pooled stage's grid)
-                    pool = head.last_pooling_weights.float()
-                    if pool.shape[2:] != padded.shape[1:]:
-                        pool = F.interpolate(pool, size=padded.shape[1:], mode="trilinear" if pool.ndim == 5 else
-                                             "bilinear", align_corners=False)
+                    pool = _upsampled(head.last_pooling_weights.float(), padded.shape[1:])
                     pools.append(_normalised(pool[0, 0][crop]).cpu())
             del skips, segmentation, logits, activation, gradient
     cam = _normalised(torch.stack(cams).mean(0))
     pool = _normalised(torch.stack(pools).mean(0)) if pools else None
     return cam, pool
+
+
+def _upsampled(x: torch.Tensor, size) -> torch.Tensor:
+    """(B, 1, *grid) -> (B, 1, *size), (bi/tri)linear; unchanged where the grid is already that size."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="trilinear" if x.ndim == 5 else "bilinear", align_corners=False)
 
 
 @contextmanager
