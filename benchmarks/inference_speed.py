@@ -34,8 +34,17 @@ the model; ours includes it (``predict_folder`` loads the model itself), so ours
 Agreement: Dice per region (the model's dataset.json labels) between each of ours and stock's masks, mean
 over cases (a region empty in both counts as 1); class agreement between ours-TTA and ours-default.
 
-Usage: python benchmarks/inference_speed.py -m MODEL_DIR -i INPUT_DIR [--end-to-end] [--device cpu] [--max-cases 5]
-       [--json F]
+Input: ``-i INPUT_DIR``, or, without ``-i``, ``GENERATED_CASES`` (72) synthetic cases at the sizes of the quiz's
+test images (``multitask-nnunet make-synthetic --geometry quiz-sizes``: crops of 40-160 x 80-220 x 110-360
+voxels at 0.75x0.75x2 mm, the quiz geometry's pancreas and lesion in each; ``--max-cases N`` generates only N),
+written once to ``--data DIR`` and reused. Their ground truth is known, so every command's masks are also
+scored against it (``--labels``, set automatically then): that shows whether the model's masks are noise. Pair
+them with a model trained on ``--geometry quiz``, e.g. the default trainer's model of
+``benchmarks/classification_learning.py`` (CPU: small plans, 12 epochs x 50 iterations; CUDA: default plans,
+``benchmarks/gpu/run_checks.sh``), found under ``WORKDIR/data_*/runs/*/MultitasknnUNetTrainer_ClsBench*``.
+
+Usage: python benchmarks/inference_speed.py -m MODEL_DIR [-i INPUT_DIR | --data DIR] [--labels DIR] [--end-to-end]
+       [--device cpu] [--max-cases 5] [--json F]
 """
 import argparse
 import json
@@ -59,6 +68,8 @@ from multitask_nnunet.nifti import read_label_map
 from multitask_nnunet.inference.cases import list_cases
 from multitask_nnunet.inference.timing import STAGES
 from multitask_nnunet.registration import environment_with_trainers, ext_trainer_path
+
+GENERATED_CASES = 72  # the quiz's test set
 
 STOCK, OURS_TTA, OURS = "stock nnU-Net (sliding, TTA)", "ours, auto mode + TTA", "ours, default (auto, no TTA)"
 OURS_SLIDING = "ours, sliding + TTA (as stock)"
@@ -198,6 +209,8 @@ def end_to_end(args, model_dir, cases, folds, spec) -> int:
         wall = {m: statistics.median(s) for m, s in seconds.items()}
         dice = {m: agreement(commands[SAME_TTA[m]][1], commands[m][1], cases, spec.regions, spec.ignore_label)
                 for m in SAME_TTA}
+        truth = {m: agreement(args.labels, out, cases, spec.regions, spec.ignore_label)
+                 for m, (_, out) in commands.items()} if args.labels else {}
         profiles = {}
         for m in SAME_TTA:
             with open(commands[m][0][commands[m][0].index("--profile") + 1]) as f:
@@ -208,8 +221,8 @@ def end_to_end(args, model_dir, cases, folds, spec) -> int:
     preprocessing = preprocessing_agreement(model_dir, cases, args.checkpoint, args.device)
     n = len(cases)
     lines = [f"model {model_dir} (folds {folds}, {args.checkpoint})",
-             f"input {args.i}: {n} cases, device {args.device}, {os.cpu_count()} CPU cores, whole commands as "
-             f"subprocesses, median of {args.repeats} run(s)",
+             f"input {args.i}: {n} cases ({_sizes(cases)}), device {args.device}, {os.cpu_count()} CPU cores, "
+             f"whole commands as subprocesses, median of {args.repeats} run(s)",
              f"{'command':<30} {'wall s':>8} {'s/case':>7} {'vs stock':>9} {'vs stock, same TTA':>19}   "
              f"Dice vs stock at the same TTA (mean over cases)"]
     for method in commands:
@@ -217,6 +230,9 @@ def end_to_end(args, model_dir, cases, folds, spec) -> int:
         regions = "   " + ", ".join(f"{r} {v:.4f}" for r, v in dice[method].items()) if method in dice else ""
         lines.append(f"{method:<30} {wall[method]:>8.2f} {wall[method] / n:>7.2f} "
                      f"{wall[E2E_STOCK] / wall[method]:>8.2f}x {same}{regions}")
+    if truth:
+        lines.append(f"Dice against the ground truth ({args.labels}), mean over cases: " + "; ".join(
+            f"{m}: " + ", ".join(f"{r} {v:.4f}" for r, v in d.items()) for m, d in truth.items()))
     lines += [f"class agreement ours vs ours --tta: {same_class}/{n}", "",
               "our time breakdown (s; wall: the main thread's time line, adds up to the wall time; busy: in any "
               "thread), last run:",
@@ -243,17 +259,48 @@ def end_to_end(args, model_dir, cases, folds, spec) -> int:
                        "median_wall_s": wall,
                        "speedup_vs_stock_default": {m: wall[E2E_STOCK] / s for m, s in wall.items()},
                        "speedup_vs_stock_same_tta": {m: wall[SAME_TTA[m]] / wall[m] for m in SAME_TTA},
-                       "dice_vs_stock_same_tta": dice, "class_agreement_ours_vs_tta": same_class / n,
+                       "dice_vs_stock_same_tta": dice, "dice_vs_ground_truth": truth,
+                       "class_agreement_ours_vs_tta": same_class / n,
                        "device_preprocessing_vs_nnunet": preprocessing,
                        "breakdown": {m: {k: v for k, v in p.items() if k not in ("cases", "definition")}
                                      for m, p in profiles.items()}}, f, indent=2)
     return 0
 
 
+def _sizes(cases) -> str:
+    """The range of the cases' image sizes (voxels, z y x), from their headers."""
+    import SimpleITK as sitk
+    shapes = []
+    for case in cases:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(case.files[0])
+        reader.ReadImageInformation()
+        shapes.append(reader.GetSize()[::-1])
+    low, high = np.min(shapes, 0), np.max(shapes, 0)
+    return "sizes " + " x ".join(f"{a}-{b}" for a, b in zip(low, high))
+
+
+def generated_input(data: str, count: int, seed: int) -> tuple:
+    """(images, labels) folders of ``count`` quiz-size synthetic cases (make-synthetic --geometry quiz-sizes),
+    written under ``data`` on the first run and reused by the next."""
+    from multitask_nnunet.conversion.synthetic import TEST_LABELS, make_synthetic_dataset
+    folder = os.path.join(data, f"quiz_sizes_s{seed}_n{count}")
+    if not os.path.isdir(os.path.join(folder, TEST_LABELS)):  # written complete or not at all
+        make_synthetic_dataset(folder, cases=3, validation_cases=0, test_cases=count, seed=seed,
+                               geometry="quiz-sizes", overwrite=True)
+    return os.path.join(folder, "test"), os.path.join(folder, TEST_LABELS)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-m", required=True, metavar="MODEL_DIR")
-    parser.add_argument("-i", required=True, metavar="INPUT_DIR")
+    parser.add_argument("-i", metavar="INPUT_DIR", help=f"input images (default: {GENERATED_CASES} generated "
+                        "quiz-size cases, see --data)")
+    parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "multitask_speed_cases"),
+                        metavar="DIR", help="without -i: where the generated cases are written once and reused")
+    parser.add_argument("--seed", type=int, default=0, help="without -i: seed of the generated cases (0)")
+    parser.add_argument("--labels", metavar="DIR", help="ground-truth label maps <case>.nii.gz of the input: every "
+                        "command's masks are scored against them too (set automatically for generated cases)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--folds", nargs="+", help="default: every fold with the checkpoint")
     parser.add_argument("--checkpoint", default="checkpoint_final.pth")
@@ -274,6 +321,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     os.environ["nnUNet_extTrainer"] = ext_trainer_path()  # so that stock nnU-Net finds our trainer class
 
+    if args.i is None:
+        args.i, generated_labels = generated_input(args.data, args.max_cases or GENERATED_CASES, args.seed)
+        args.labels = args.labels or generated_labels
     model_dir, device = os.path.abspath(args.m), torch.device(args.device)
     dataset_json = load_json(os.path.join(model_dir, "dataset.json"))
     cases, _ = list_cases(args.i, dataset_json["file_ending"], dataset_json["channel_names"])

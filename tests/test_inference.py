@@ -519,3 +519,36 @@ def test_our_trainers_build_the_network_from_the_plans_without_the_trainer_looku
     assert "multitask_nnunet.inference.predictor" in result.stderr  # the listing works
     assert "nnunetv2.training.nnUNetTrainer" not in result.stderr
     assert (tmp_path / "out" / image.name.replace("_0000", "")).is_file()
+
+
+def test_unwritten_results_are_bounded(tmp_path):
+    """The main thread waits for the writer once MAX_PENDING_WRITES results are unwritten, and records the
+    written cases in order (their class rows only after their masks)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from collections import deque
+    from types import SimpleNamespace
+
+    from multitask_nnunet.inference.batch import MAX_PENDING_WRITES, PredictionReport, _collect_writes
+    from multitask_nnunet.inference.class_rows import ClassRows
+    from multitask_nnunet.inference.timing import Breakdown
+
+    def slow_write() -> float:
+        time.sleep(0.2)
+        return 0.2
+
+    rows, report, breakdown = ClassRows(str(tmp_path), lambda: ["a", "b"]), PredictionReport(str(tmp_path)), Breakdown()
+    writing = deque()
+    with ThreadPoolExecutor(1) as writer:
+        for i in range(MAX_PENDING_WRITES + 3):
+            case = SimpleNamespace(name=f"c{i}", output_name=f"c{i}.nii.gz")
+            result = SimpleNamespace(probabilities=np.array([0.3, 0.7]), uncertainty={}, path="whole", fallback=None,
+                                     class_index=1, class_name="b", shape=(1, 1, 1), preprocessed_shape=(1, 1, 1),
+                                     timings={})
+            writing.append((case, result, writer.submit(slow_write)))
+            _collect_writes(writing, rows, report, breakdown, keep=MAX_PENDING_WRITES)
+            assert len(writing) <= MAX_PENDING_WRITES
+        assert report.predicted == [f"c{i}" for i in range(3)]
+        _collect_writes(writing, rows, report, breakdown, keep=0)
+    assert not writing and report.predicted == [f"c{i}" for i in range(MAX_PENDING_WRITES + 3)]
+    assert read_csv(tmp_path / "subtype_results.csv")[1:] == [[f"c{i}.nii.gz", "1"]
+                                                              for i in range(MAX_PENDING_WRITES + 3)]

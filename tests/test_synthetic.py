@@ -100,3 +100,22 @@ def test_quiz_geometry_proportions(tmp_path):
         lesion_voxels = np.argwhere(labels == 2)
         assert lesion_voxels.min(axis=0).tolist() > [0, 0, 0]                   # away from the crop's border
         assert (lesion_voxels.max(axis=0) < np.array(labels.shape) - 1).all()
+
+
+def test_quiz_sizes_geometry(tmp_path):
+    """--geometry quiz-sizes: crops within the quiz test images' sizes, with quiz's structures at quiz's own size
+    whatever the crop (so that a model trained on --geometry quiz segments them)."""
+    out = tmp_path / "data"
+    result = run(ours("make-synthetic", "-o", out, "--geometry", "quiz-sizes", "--cases", "3", "--validation-cases",
+                      "0", "--test-cases", "3", "--seed", "1"), {}, check=False)
+    assert result.returncode == 0, result.stderr
+    shapes = []
+    for path in sorted((out / "test_labels").glob("*.nii.gz")):
+        labels = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).astype(np.uint8)
+        z, y, x = labels.shape
+        assert 40 <= z <= 160 and 80 <= y <= 220 and 110 <= x <= 360, (path.name, labels.shape)
+        shapes.append(labels.shape)
+        # quiz's pancreas: ~5% of a 44 x 100 x 120 crop, in voxels, whatever this crop's size
+        assert 0.6 <= (labels > 0).sum() / (0.05 * 44 * 100 * 120) <= 1.4, path.name
+        assert (labels == 2).sum() > 0
+    assert len(set(shapes)) == 3

@@ -9,11 +9,12 @@
 #                   default multitask trainer on the same data and schedule (EPOCHS x ITERATIONS, default 20 x 50)
 #   speed           benchmarks/inference_speed.py --end-to-end on the default trainer's model from
 #                   "classification" (run it first, on the same warm machine) and the benchmark's 12 test images
+#                   (SPEED_INPUT=generated: the quiz test set's sizes instead, 72 generated cases or MAX_CASES)
 #   all             both, in that order
 # Every log and JSON goes to $OUT as it is written, so a command stopped at its limit still returns them.
 # Environment: DEVICE (cuda; cpu only to check this script without a GPU), EPOCHS, ITERATIONS, VAL_ITERATIONS,
 # TRAIN_SEED (unset: unseeded), NUM_PROC_DA (unset: the benchmark's default, 8 on CUDA, 1 with a seed), MAX_CASES (speed: the first N test images; default all
-# 12), WORKDIR (/tmp/mtn_gpu), CLS_LIMIT and SPEED_LIMIT (seconds, default 420 and 150), SITE (/tmp/site).
+# 12), SPEED_INPUT (test or generated; default test), WORKDIR (/tmp/mtn_gpu), CLS_LIMIT and SPEED_LIMIT (seconds, default 420 and 150), SITE (/tmp/site).
 set -uo pipefail
 STEP=${1:-all}
 OUT=${OUT:-/tmp/mtn_gpu_out}
@@ -54,10 +55,11 @@ speed() {
     if [ -z "$model" ] || [ -z "$images" ]; then echo "speed: run the classification step first"; return 1; fi
     # stock nnUNetv2_predict looks the model's trainer class up by name: the benchmark's trainers
     export nnUNet_extTrainer="$PWD/benchmarks/trainers${nnUNet_extTrainer:+:$nnUNet_extTrainer}"
-    local cases=()
+    local cases=() input=(-i "$images")
     [ -n "${MAX_CASES:-}" ] && cases=(--max-cases "$MAX_CASES")
+    [ "${SPEED_INPUT:-test}" = generated ] && input=(--data "$WORKDIR/speed_cases")
     timeout -s KILL "${SPEED_LIMIT:-150}" python3 benchmarks/inference_speed.py --end-to-end -m "$model" \
-        -i "$images" --device "$DEVICE" "${cases[@]}" --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log"
+        "${input[@]}" --device "$DEVICE" "${cases[@]}" --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log"
 }
 
 case "$STEP" in

@@ -20,6 +20,10 @@ Geometry (``--geometry``; spacing 0.75x0.75x2 mm (x, y, z) and a random origin i
   pancreas (labels 1+2) of about 5% of the crop (4.6-5.5%) and a lesion (label 2) of 0.3-0.7% (median 0.5%;
   semi-axes about 8-10 mm), inside the pancreas. Both structures scale with the crop's size, as the quiz's
   crops are cut around the pancreas.
+- ``quiz-sizes``: the size range of the quiz's test images (crops of 40-160 x 80-220 x 110-360 voxels), with
+  ``quiz``'s pancreas and lesion at ``quiz``'s typical size whatever the crop (more background in larger
+  crops), so that a model trained on ``--geometry quiz`` segments them. For inference-speed benchmarks
+  (``benchmarks/inference_speed.py``), not for training.
 
 Each case: noisy fat-like background, an ellipsoid "pancreas" (label 1) and a smaller ellipsoid lesion inside
 it (label 2). Only the lesion's appearance tells the class: 0 dark, 1 bright, 2 ring (bright rim, dark core),
@@ -64,6 +68,9 @@ GEOMETRIES: Dict[str, Geometry] = {
     "quiz": Geometry(shape=(44, 100, 120), shape_jitter=(4, 10, 10),
                      pancreas_axes_mm=((13.5, 15.5, 31.0), (14.5, 16.5, 33.0)), lesion_axes_mm=(8.0, 9.8),
                      reference_voxels=44 * 100 * 120),
+    # the quiz test images' range of sizes, quiz's structures unscaled: inference-speed benchmarks
+    "quiz-sizes": Geometry(shape=(100, 150, 235), shape_jitter=(60, 70, 125),
+                           pancreas_axes_mm=((13.5, 15.5, 31.0), (14.5, 16.5, 33.0)), lesion_axes_mm=(8.0, 9.8)),
 }
 DEFAULT_GEOMETRY = "demo"
 
@@ -81,7 +88,7 @@ def make_synthetic_dataset(out_dir, cases: int = 18, validation_cases: int = 9, 
                            geometry: str = DEFAULT_GEOMETRY) -> Path:
     """Write the dataset described in the module docstring to ``out_dir`` and return it.
 
-    ``geometry``: a key of ``GEOMETRIES`` (``demo`` or ``quiz``, see the module docstring).
+    ``geometry``: a key of ``GEOMETRIES`` (``demo``, ``quiz`` or ``quiz-sizes``, see the module docstring).
 
     Each split is balanced over the ``classes`` classes. The folder appears complete or not at all; an
     existing non-empty ``out_dir`` is replaced only with ``overwrite``.
@@ -186,8 +193,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (0)")
     p.add_argument("--geometry", choices=list(GEOMETRIES), default=DEFAULT_GEOMETRY,
                    help="demo: ~40x64x64 crops, pancreas 8-20%%, for CPU demos and tests; quiz: the real quiz's "
-                        "proportions, 40-48 x 90-110 x 110-130 crops, pancreas ~5%%, lesion 0.3-0.7%% of the crop "
-                        f"(default: {DEFAULT_GEOMETRY})")
+                        "proportions, 40-48 x 90-110 x 110-130 crops, pancreas ~5%%, lesion 0.3-0.7%% of the crop; "
+                        "quiz-sizes: the quiz test images' sizes (40-160 x 80-220 x 110-360) with quiz's structures, "
+                        f"for speed benchmarks (default: {DEFAULT_GEOMETRY})")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
     p.set_defaults(func=_run)
 

@@ -10,7 +10,8 @@ Each case goes through the one-case predictor (case_predictor.py, loaded once); 
 folder needs:
 
 - pipeline threads: background threads read and preprocess the next cases (``CasePredictor.prepare``) and
-  write finished masks while the main thread runs the network and the export (``CasePredictor.finish``);
+  write finished masks while the main thread runs the network and the export (``CasePredictor.finish``); both
+  queues are bounded (one case per reader more than the readers, ``MAX_PENDING_WRITES`` unwritten results);
 - resumable: a case whose mask (and every extra output asked for) exists and whose row is in the CSVs is
   skipped unless ``--overwrite``. Masks, maps and CSVs are written atomically, the CSVs after every finished
   case and merged with the rows already on disk (class_rows.py), so a crash loses no finished case; the
@@ -51,6 +52,9 @@ from multitask_nnunet.inference.options import (DEFAULT_CHECKPOINT, DEFAULT_SALI
                                                 BatchOptions, PredictorOptions)
 from multitask_nnunet.inference.timing import (EXPORT, MODEL_LOAD, NETWORK, PREPROCESS, READ, STARTUP, WRITE,
                                                Breakdown, overlap, process_start)
+
+#: finished cases that may wait for the writer thread; the main thread waits for the oldest beyond this
+MAX_PENDING_WRITES = 2
 
 __all__ = ["predict_folder", "PredictionReport", "BatchOptions", "PredictorOptions", "add_parser"]
 
@@ -225,8 +229,8 @@ def _predict_cases(todo: List[InputCase], output_dir: str, model_dir: str, rows:
                     breakdown.ran(NETWORK, sum(result.timings.get(s, 0.0) for s in (NETWORK, SALIENCY, MC_DROPOUT)))
                     breakdown.ran(EXPORT, result.timings[EXPORT])
                     writing.append((case, result, writer.submit(write, case, result)))
-                    with breakdown.stage(WRITE):
-                        _collect_writes(writing, rows, report, breakdown, wait=False)
+                    with breakdown.stage(WRITE):  # waits only when MAX_PENDING_WRITES cases are still unwritten
+                        _collect_writes(writing, rows, report, breakdown, keep=MAX_PENDING_WRITES)
                     bar.update()
                     if options.progress:
                         tqdm.write(_case_line(result))
@@ -234,7 +238,7 @@ def _predict_cases(todo: List[InputCase], output_dir: str, model_dir: str, rows:
             for _, future in reading:
                 future.cancel()
             with breakdown.stage(WRITE):
-                _collect_writes(writing, rows, report, breakdown, wait=True)
+                _collect_writes(writing, rows, report, breakdown, keep=0)
 
 
 def _record_input_wait(breakdown: Breakdown, t0: float, t1: float, prepared) -> None:
@@ -256,9 +260,11 @@ def _case_line(result) -> str:
 
 
 def _collect_writes(writing: Deque, rows: ClassRows, report: PredictionReport, breakdown: Breakdown,
-                    wait: bool) -> None:
-    """Record the cases whose mask is written, in order: the class row only goes in after the mask."""
-    while writing and (wait or writing[0][2].done()):
+                    keep: int) -> None:
+    """Record the cases whose mask is written, in order: the class row only goes in after the mask. Waits for
+    the oldest writes until at most ``keep`` are pending, so finished results (full-size masks, maps) cannot
+    pile up in memory when writing is slower than the network."""
+    while writing and (len(writing) > keep or writing[0][2].done()):
         case, result, future = writing.popleft()
         write_seconds = future.result()
         breakdown.worked(WRITE, write_seconds)

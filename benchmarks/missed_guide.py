@@ -1,0 +1,107 @@
+"""Does the class survive a missed lesion? Each test case is classified twice with the same model: as
+``multitask-nnunet predict`` does, and with the guide structure (the lesion by default) removed from the
+segmentation the head reads, as if the network had missed it. With the guide predicted empty, the guided head
+falls back to the predicted foreground (the pancreas); with ``attention`` on it can still weight the voxels of
+the foreground where the class shows (multitask_nnunet/heads.py). The segmentation output is not changed.
+
+Runs the one-case predictor (``CasePredictor``) in this process. The guide is removed by a forward pre-hook on
+the classification head that sets the guide channels' logits to -30 (probability ~1e-13) in the head's input
+only: nothing of the package is patched.
+
+Usage: python benchmarks/missed_guide.py -m MODEL_DIR -i IMAGES -l CLASSES_CSV [--device cpu] [--tta]
+           [--json OUT]
+CLASSES_CSV is ``Names,Subtype`` (make-synthetic's ``test_labels/classes.csv``).
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+MISSED_LOGIT = -30.0
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", required=True, help="model folder (Trainer__Plans__configuration)")
+    p.add_argument("-i", required=True, help="test images (nnU-Net naming, one channel)")
+    p.add_argument("-l", required=True, help="ground-truth classes (Names,Subtype CSV)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tta", action="store_true", help="mirroring TTA (default off, as predict's default)")
+    p.add_argument("--json", help="write the per-case results here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from multitask_nnunet.class_csv import read_case_classes
+    from multitask_nnunet.evaluation.metrics import classification_metrics
+    from multitask_nnunet.inference.case_predictor import CasePredictor
+    from multitask_nnunet.inference.options import PredictorOptions
+
+    truth = read_case_classes(args.l)
+    images = sorted(glob.glob(os.path.join(args.i, "*_0000.nii.gz")))
+    predictor = CasePredictor(args.m, PredictorOptions(device=args.device, tta=args.tta))
+    head = predictor.predictor._module().classification_head
+    channels = getattr(head, "guide_channels", None)
+    if channels is None:
+        print(f"{type(head).__name__} has no guide: nothing to remove", file=sys.stderr)
+        return 2
+    print(f"head {type(head).__name__}, attention {getattr(head, 'attention', None) is not None}, "
+          f"guide channels {list(channels)}, foreground channels {list(head.foreground_channels)}")
+
+    def remove_guide(module, inputs):
+        skips, segmentation, *rest = inputs
+        segmentation = segmentation.clone()
+        segmentation[:, list(channels)] = MISSED_LOGIT
+        return (skips, segmentation, *rest)
+
+    rows = {}
+    for image in images:
+        case = os.path.basename(image)[:-len("_0000.nii.gz")]
+        if case not in truth:
+            continue
+        predicted = predictor.predict_case([image])
+        handle = head.register_forward_pre_hook(remove_guide)
+        try:
+            missed = predictor.predict_case([image])
+        finally:
+            handle.remove()
+        guide_voxels = int(np.isin(predicted.segmentation, _guide_labels(predictor)).sum())
+        rows[case] = {"truth": truth[case], "predicted": predicted.class_index, "missed": missed.class_index,
+                      "p_predicted": predicted.probabilities.tolist(), "p_missed": missed.probabilities.tolist(),
+                      "predicted_guide_voxels": guide_voxels}
+        print(f"{case}: truth {truth[case]}, with the predicted guide {predicted.class_index} "
+              f"(p {predicted.probabilities.max():.2f}), guide removed {missed.class_index} "
+              f"(p {missed.probabilities.max():.2f}); guide voxels in the mask {guide_voxels}", flush=True)
+
+    y = np.array([r["truth"] for r in rows.values()])
+    names = predictor.class_names
+    summary = {}
+    for key in ("predicted", "missed"):
+        metrics = classification_metrics(y, np.array([r[key] for r in rows.values()]), names)
+        summary[key] = {"macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"]}
+    print(f"{len(rows)} cases: macro-F1 {summary['predicted']['macro_f1']:.3f} with the predicted guide, "
+          f"{summary['missed']['macro_f1']:.3f} with the guide removed (accuracy "
+          f"{summary['predicted']['accuracy']:.3f}, {summary['missed']['accuracy']:.3f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": os.path.abspath(args.m), "tta": args.tta, "summary": summary, "cases": rows}, f,
+                      indent=1)
+    return 0
+
+
+def _guide_labels(predictor) -> list:
+    """The labels of the exported mask that the guide channels write (region-based: ``regions_class_order``)."""
+    label_manager = predictor.predictor.label_manager
+    channels = predictor.predictor._module().classification_head.guide_channels
+    if label_manager.has_regions:
+        return [int(label_manager.regions_class_order[c]) for c in channels]
+    return [int(c) for c in channels]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
