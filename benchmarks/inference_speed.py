@@ -64,7 +64,7 @@ from multitask_nnunet.class_csv import PROBABILITIES_CSV, read_probabilities_csv
 from multitask_nnunet.evaluation.metrics import case_dice
 from multitask_nnunet.evaluation.regions import regions_from_labels
 from multitask_nnunet.inference.batch import BatchOptions, PredictorOptions, predict_folder
-from multitask_nnunet.nifti import read_label_map
+from multitask_nnunet.nifti import read_geometry, read_label_map
 from multitask_nnunet.inference.cases import list_cases
 from multitask_nnunet.inference.timing import STAGES
 from multitask_nnunet.registration import environment_with_trainers, ext_trainer_path
@@ -269,13 +269,7 @@ def end_to_end(args, model_dir, cases, folds, spec) -> int:
 
 def _sizes(cases) -> str:
     """The range of the cases' image sizes (voxels, z y x), from their headers."""
-    import SimpleITK as sitk
-    shapes = []
-    for case in cases:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(case.files[0])
-        reader.ReadImageInformation()
-        shapes.append(reader.GetSize()[::-1])
+    shapes = [read_geometry(case.files[0]).shape for case in cases]
     low, high = np.min(shapes, 0), np.max(shapes, 0)
     return "sizes " + " x ".join(f"{a}-{b}" for a, b in zip(low, high))
 

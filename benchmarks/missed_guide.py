@@ -59,6 +59,7 @@ def main(argv=None) -> int:
         segmentation[:, list(channels)] = MISSED_LOGIT
         return (skips, segmentation, *rest)
 
+    guide_labels = _guide_labels(predictor.predictor.label_manager, channels)
     rows = {}
     for image in images:
         case = os.path.basename(image)[:-len("_0000.nii.gz")]
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
             missed = predictor.predict_case([image])
         finally:
             handle.remove()
-        guide_voxels = int(np.isin(predicted.segmentation, _guide_labels(predictor)).sum())
+        guide_voxels = int(np.isin(predicted.segmentation, guide_labels).sum())
         rows[case] = {"truth": truth[case], "predicted": predicted.class_index, "missed": missed.class_index,
                       "p_predicted": predicted.probabilities.tolist(), "p_missed": missed.probabilities.tolist(),
                       "predicted_guide_voxels": guide_voxels}
@@ -94,10 +95,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _guide_labels(predictor) -> list:
+def _guide_labels(label_manager, channels) -> list:
     """The labels of the exported mask that the guide channels write (region-based: ``regions_class_order``)."""
-    label_manager = predictor.predictor.label_manager
-    channels = predictor.predictor._module().classification_head.guide_channels
     if label_manager.has_regions:
         return [int(label_manager.regions_class_order[c]) for c in channels]
     return [int(c) for c in channels]
