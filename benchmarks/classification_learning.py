@@ -2,9 +2,11 @@
 
 Steps (every nnU-Net step is the stock command line, run as a subprocess):
 
-1. ``multitask-nnunet make-synthetic --geometry quiz`` (quiz-like proportions: crops 40-48 x 90-110 x 110-130
-   voxels at 0.75x0.75x2 mm, pancreas ~5% and lesion 0.3-0.7% of the crop; the class is only in the
-   lesion's look), ``multitask-nnunet convert`` and stock ``nnUNetv2_plan_and_preprocess -c 3d_fullres``.
+1. ``multitask-nnunet make-synthetic --geometry quiz --difficulty D`` (quiz-like proportions: crops 40-48 x
+   90-110 x 110-130 voxels at 0.75x0.75x2 mm, pancreas ~5% of the crop; ``--difficulty easy`` (default): lesion
+   0.3-0.7% of the crop and the class only, and unmistakably, in the lesion's look; ``hard``: the quiz's
+   log-normal lesion sizes and classes that overlap, in the lesion, its rim and the parenchyma),
+   ``multitask-nnunet convert`` and stock ``nnUNetv2_plan_and_preprocess -c 3d_fullres``.
 2. Plans: ``--plans small`` (default on CPU) writes ``nnUNetSmallPlans``, a copy of nnU-Net's plans with few
    features per stage (``--base-features``, ``--max-features``) and, if asked, a smaller patch
    (``--patch-size``); ``--plans default`` trains nnU-Net's ``nnUNetPlans`` unchanged (for CUDA).
@@ -31,10 +33,20 @@ Measured per trainer:
 - test: macro-F1, mean Dice of the whole region and of the lesion, and each multitask trainer's Dice minus
   stock's, twice: as predicted in step 4 (auto mode may run a crop larger than the patch as one whole-volume
   pass), and at equal inference, from a second prediction with ``--tta --mode sliding`` (stock's sliding window,
-  step 0.5, and mirroring; ``predictions_sliding/<trainer>``).
-The table is printed at the end; ``--json FILE`` writes every figure, the settings and the machine.
+  step 0.5, and mirroring; ``predictions_sliding/<trainer>``);
+- test, against the oracle: a logistic regression (``multitask_nnunet.conversion.synthetic.oracle_macro_f1``)
+  fitted on the truth features of the ``train`` cases (fold 0's training set; make-synthetic's
+  ``truth_features.csv``, measured on the true masks) and scored on the test cases: the macro-F1 that the true
+  masks' measurable features allow, with all features and with the volumes alone (lesion, pancreas, share).
+  Per multitask trainer: its test macro-F1 over the oracle's; the test cases whose lesion it missed (its
+  predicted lesion, the highest label, shares no voxel with the true one): how many, and the macro-F1 on those
+  and on the others; ECE (``multitask-nnunet evaluate``: 15 bins on the max probability); the mean confidence
+  (max probability) on missed and on found cases. The missed count is given for stock as well.
+The tables are printed at the end; ``--json FILE`` writes every figure, the settings and the machine.
+``--oracle-only`` makes (or reuses) the data and prints the oracle alone, in seconds.
 
-Reruns reuse every finished step: the data (per seed and case counts) under ``WORKDIR/data_*``, and each
+Reruns reuse every finished step: the data (per seed, case counts and difficulty) under ``WORKDIR/data_*``
+(``_hard`` at the end for ``--difficulty hard``), and each
 trained model and prediction under ``WORKDIR/data_*/runs/<plans>_<device>_e<E>_i<I>_v<V>[_t<train seed>]/``, so
 another trainer or schedule costs only its own training. An interrupted training resumes (``--c``).
 
@@ -66,6 +78,7 @@ Usage:
     python benchmarks/classification_learning.py --workdir /tmp/cls_bench --json cls_bench.json
     python benchmarks/classification_learning.py --workdir /tmp/cls_bench --device cuda --json cls_bench_gpu.json
     python benchmarks/classification_learning.py --workdir /tmp/cls_bench --trainers MultitasknnUNetTrainer_ClsBench
+    python benchmarks/classification_learning.py --workdir /tmp/cls_bench --difficulty hard --oracle-only
 """
 import argparse
 import contextlib
@@ -148,15 +161,22 @@ def save(data, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- steps
 
 
-def prepare_data(args, data: Path, env: dict) -> Path:
-    """Synthetic data -> raw dataset -> stock plan and preprocess; returns the preprocessed dataset folder."""
-    source, raw = data / "synthetic", data / "nnUNet_raw" / DATASET
-    preprocessed = data / "nnUNet_preprocessed" / DATASET
-    started = time.perf_counter()
+def make_data(args, data: Path, env: dict) -> Path:
+    """The synthetic data (``data/synthetic``), made unless there already."""
+    source = data / "synthetic"
     if not (source / "test_labels").is_dir():  # make-synthetic writes the folder complete or not at all
         run(command("multitask-nnunet", "make-synthetic", "-o", source, "--geometry", "quiz", "--cases", args.cases,
                     "--validation-cases", args.validation_cases, "--test-cases", args.test_cases,
-                    "--classes", args.classes, "--seed", args.seed, "--overwrite"), env)
+                    "--classes", args.classes, "--seed", args.seed, "--difficulty", args.difficulty,
+                    "--overwrite"), env)
+    return source
+
+
+def prepare_data(args, data: Path, env: dict) -> Path:
+    """Synthetic data -> raw dataset -> stock plan and preprocess; returns the preprocessed dataset folder."""
+    raw, preprocessed = data / "nnUNet_raw" / DATASET, data / "nnUNet_preprocessed" / DATASET
+    started = time.perf_counter()
+    source = make_data(args, data, env)
     if not (raw / "dataset.json").is_file():  # convert, too
         save(PANCREAS_LABELS, data / "labels.json")
         run(command("multitask-nnunet", "convert", "-i", source, "-d", DATASET_ID, "-n", DATASET.split("_", 1)[1],
@@ -300,6 +320,11 @@ def predict_and_evaluate(args, trainer: str, multitask: bool, model: Path, plans
     else:  # no subtype_results.csv, which multitask-nnunet evaluate requires: Dice only, same functions
         result.update({"test_macro_f1": None,
                        "test_dice": segmentation_dice(out, source / "test_labels", raw / "dataset.json")})
+    missed = missed_lesions(out, source / "test_labels", raw)
+    result.update({"test_missed_lesions": sum(missed.values()),
+                   "test_missed_cases": sorted(c for c, m in missed.items() if m)})
+    if multitask:
+        result.update(missed_and_found(out, metrics, missed))
     result["test_dice_whole"], result["test_dice_lesion"] = whole_and_lesion(result["test_dice"], raw)
     if multitask:  # stock's inference too (sliding window, step 0.5, mirroring): Dice at equal inference
         sliding = run_dir / "predictions_sliding" / trainer
@@ -343,6 +368,80 @@ def whole_and_lesion(dice: dict, raw: Path):
     whole = max((n for n in dice if n in labels), key=lambda n: len(labels[n]))
     lesion = max((n for n in dice if n in labels), key=lambda n: (max(labels[n]), -len(labels[n])))
     return dice[whole], dice[lesion]
+
+
+# ---------------------------------------------------------------------------------------------------- oracle
+
+
+def truth_feature_rows(source: Path) -> list:
+    """The truth features of every case: make-synthetic's truth_features.csv, or, for data made before
+    make-synthetic wrote it, measured here on the images and true masks by the same function."""
+    from multitask_nnunet.class_csv import GROUND_TRUTH_CSV, read_case_classes
+    from multitask_nnunet.class_labels import parse_class_folder
+    from multitask_nnunet.conversion import synthetic
+    from multitask_nnunet.nifti import read_label_map
+    import SimpleITK as sitk
+
+    path = source / synthetic.TRUTH_FEATURES_CSV
+    if path.is_file():
+        return synthetic.read_truth_features(path)
+    cases = [(mask, mask.parent, split, parse_class_folder(mask.parent.name)[1])
+             for split in ("train", "validation") for mask in sorted((source / split).glob("*/*.nii.gz"))
+             if not mask.name.endswith("_0000.nii.gz")]
+    gt = source / synthetic.TEST_LABELS
+    cases += [(gt / f"{case}.nii.gz", source / "test", "test", k)
+              for case, k in sorted(read_case_classes(str(gt / GROUND_TRUTH_CSV)).items())]
+    return [{"Names": mask.name, "split": split, "Subtype": k,
+             **synthetic.truth_features(sitk.ReadImage(str(images / mask.name.replace(".nii.gz", "_0000.nii.gz"))),
+                                        read_label_map(mask))}
+            for mask, images, split, k in cases]
+
+
+def oracle(source: Path) -> dict:
+    """Macro-F1 on the test cases of a logistic regression fitted on the ``train`` cases' truth features (fold
+    0's training set): with every feature, and with the volumes alone."""
+    from multitask_nnunet.conversion.synthetic import TRUTH_FEATURES, VOLUME_FEATURES, oracle_macro_f1
+    rows = truth_feature_rows(source)
+    train, test = [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "test"]
+    return {"macro_f1": oracle_macro_f1(train, test), "macro_f1_volumes_only": oracle_macro_f1(train, test,
+                                                                                              VOLUME_FEATURES),
+            "features": list(TRUTH_FEATURES), "volume_features": list(VOLUME_FEATURES),
+            "n_train": len(train), "n_test": len(test),
+            "model": "logistic regression: standardised features, balanced class weights, random_state 0"}
+
+
+def missed_lesions(pred_dir: Path, gt: Path, raw: Path) -> dict:
+    """``{case: missed}`` over the test cases: missed when the predicted lesion (the highest label) shares no
+    voxel with the true lesion."""
+    from multitask_nnunet.class_csv import GROUND_TRUTH_CSV, read_case_classes
+    from multitask_nnunet.nifti import read_label_map
+    dataset = load(raw / "dataset.json")
+    lesion = max(max(v) if isinstance(v, list) else v for v in dataset["labels"].values())
+    ending = dataset["file_ending"]
+    missed = {}
+    for case in sorted(read_case_classes(str(gt / GROUND_TRUTH_CSV), ending)):
+        truth = read_label_map(gt / f"{case}{ending}") == lesion
+        missed[case] = not (truth & (read_label_map(pred_dir / f"{case}{ending}") == lesion)).any()
+    return missed
+
+
+def missed_and_found(pred_dir: Path, metrics: dict, missed: dict) -> dict:
+    """Macro-F1 and mean confidence (max probability) on the test cases whose lesion was missed and on the
+    others (None for an empty group), and the ECE of ``multitask-nnunet evaluate``."""
+    from multitask_nnunet.class_csv import PROBABILITIES_CSV, read_probabilities_csv, strip_ending
+    from multitask_nnunet.evaluation.metrics import classification_metrics
+    path = pred_dir / PROBABILITIES_CSV
+    confidence = {strip_ending(name, ".nii.gz"): float(np.max(p))
+                  for name, p in (read_probabilities_csv(str(path)) if path.is_file() else {}).items()}
+    figures = {"test_ece": metrics.get("ece")}
+    for group, is_missed in (("missed", True), ("found", False)):
+        cases = [c for c in metrics["per_case"] if missed[c["case"]] == is_missed]
+        figures[f"test_macro_f1_{group}"] = classification_metrics(
+            np.array([c["true_class"] for c in cases]), np.array([c["predicted_class"] for c in cases]),
+            metrics["class_names"])["macro_f1"] if cases else None
+        figures[f"test_confidence_{group}"] = float(np.mean([confidence[c["case"]] for c in cases])) \
+            if cases and confidence else None
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -406,6 +505,29 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def oracle_lines(figures: dict) -> list:
+    return [f"oracle: logistic regression on the true masks' features, fitted on the {figures['n_train']} train "
+            f"cases, scored on the {figures['n_test']} test cases (macro-F1)",
+            f"  {'oracle, all truth features':<36} {figures['macro_f1']:.3f}",
+            f"  {'oracle, volumes only':<36} {figures['macro_f1_volumes_only']:.3f}  "
+            f"({', '.join(figures['volume_features'])})"]
+
+
+def oracle_table(results: dict, figures: dict) -> str:
+    """Test classification beside the oracle: F1 and its share of the oracle's, calibration, missed lesions."""
+    header = (f"{'trainer':<36} {'test F1':>7} {'/oracle':>7} {'ECE':>6} {'missed':>9} {'F1 missed':>9} "
+              f"{'F1 found':>8} {'conf missed':>11} {'conf found':>10}")
+    lines = oracle_lines(figures) + ["", header, "-" * len(header)]
+    for trainer, r in results.items():
+        lines.append(f"{trainer:<36} {fmt(r['test_macro_f1']):>7} {fmt(r.get('test_f1_over_oracle')):>7} "
+                     f"{fmt(r.get('test_ece')):>6} {r['test_missed_lesions']:>3} of {figures['n_test']:<2} "
+                     f"{fmt(r.get('test_macro_f1_missed')):>9} {fmt(r.get('test_macro_f1_found')):>8} "
+                     f"{fmt(r.get('test_confidence_missed')):>11} {fmt(r.get('test_confidence_found')):>10}")
+    lines.append("missed: the predicted lesion (highest label) shares no voxel with the true one; ECE: 15 bins on the "
+                 "max probability (multitask-nnunet evaluate); conf: mean max probability")
+    return "\n".join(lines)
+
+
 def machine(device: str) -> dict:
     import torch
     from importlib.metadata import version
@@ -455,6 +577,9 @@ def parse_args(argv=None):
     p.add_argument("--test-cases", type=int, default=12, help="test cases (12)")
     p.add_argument("--classes", type=int, default=3, help="classes (3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (0)")
+    p.add_argument("--difficulty", choices=["easy", "hard"], default="easy",
+                   help="make-synthetic --difficulty: easy, the class unmistakable in the lesion's look; hard, "
+                        "overlapping classes and the quiz's lesion sizes (easy)")
     p.add_argument("--train-seed", type=int,
                    help="seed every trainer (stock too) with this: the same initial segmentation weights and batches "
                         "for all, so stock and multitask runs pair (default: unseeded, nnU-Net's behaviour)")
@@ -463,6 +588,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS (default: all cores)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure here")
     p.add_argument("--prepare-only", action="store_true", help="stop after the data, preprocessing and plans")
+    p.add_argument("--oracle-only", action="store_true",
+                   help="make (or reuse) the synthetic data, print the oracle's figures and stop: no preprocessing, "
+                        "no training")
     args = p.parse_args(argv)
     schedule = CPU_SCHEDULE if args.device == "cpu" else CUDA_SCHEDULE
     for key, value in schedule.items():
@@ -474,13 +602,18 @@ def parse_args(argv=None):
     return args
 
 
+def settings_of(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from multitask_nnunet.registration import environment_with_trainers
 
     started = time.perf_counter()
     data = args.workdir.resolve() / (f"data_quiz_s{args.seed}_c{args.classes}_"
-                                     f"{args.cases}-{args.validation_cases}-{args.test_cases}")
+                                     f"{args.cases}-{args.validation_cases}-{args.test_cases}"
+                                     + ("_hard" if args.difficulty == "hard" else ""))
     env = environment_with_trainers()
     env["nnUNet_extTrainer"] = os.pathsep.join([str(TRAINER_FOLDER), env["nnUNet_extTrainer"]])
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):
@@ -492,10 +625,21 @@ def main(argv=None) -> int:
     env.pop(TRAIN_SEED_VARIABLE, None)
     if args.train_seed is not None:
         env[TRAIN_SEED_VARIABLE] = str(args.train_seed)
+
+    if args.oracle_only:
+        print(f"=== data: {data}", flush=True)
+        figures = oracle(make_data(args, data, env))
+        print("\n".join(oracle_lines(figures)))
+        if args.json:
+            save({"command": " ".join([sys.executable, *sys.argv]), "settings": settings_of(args),
+                  "oracle": figures}, args.json)
+            print(f"figures: {args.json}")
+        return 0
     multitask = {t: is_multitask(t, env) for t in args.trainers}
 
     print(f"=== data and stock nnU-Net preprocessing: {data}", flush=True)
     preprocessed = prepare_data(args, data, env)
+    oracle_figures = oracle(data / "synthetic")
     plans = write_plans(args, preprocessed)
     plans_tag = plans["tag"]
     run_dir = data / "runs" / (f"{plans_tag}_{args.device}_e{args.epochs}_i{args.iterations}_v{args.val_iterations}"
@@ -523,22 +667,25 @@ def main(argv=None) -> int:
             print(f"{trainer} FAILED: {e}", flush=True)
             continue
         results[trainer] = {"multitask": multitask[trainer], **record, **figures, **test}
+        if results[trainer]["test_macro_f1"] is not None and oracle_figures["macro_f1"] > 0:
+            results[trainer]["test_f1_over_oracle"] = results[trainer]["test_macro_f1"] / oracle_figures["macro_f1"]
 
-    report = table(results) + "".join(f"\nFAILED {t}: {message}" for t, message in failed.items())
+    report = table(results) + "\n\n" + oracle_table(results, oracle_figures) + \
+        "".join(f"\nFAILED {t}: {message}" for t, message in failed.items())
     step_seconds = load(data / "prepared.json")["prepare_seconds"] + sum(
         r["train_seconds"] + r["predict_seconds"] for r in results.values())
     print(f"\n=== results ({args.device}, plans {plans_tag}, {args.epochs} epochs x {args.iterations} iterations, "
           f"{args.cases}/{args.validation_cases}/{args.test_cases} train/validation/test cases, seed {args.seed}, "
+          f"{args.difficulty} data, "
           f"training {'unseeded' if args.train_seed is None else f'seed {args.train_seed}'})\n"
           + report + f"\n\nwall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min; of every "
           f"step from scratch (data + preprocessing, trainings, predictions; as recorded when each ran): "
           f"{step_seconds / 60:.1f} min")
     if args.json:
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        save({"command": " ".join([sys.executable, *sys.argv]), "settings": settings, "plans": plans,
+        save({"command": " ".join([sys.executable, *sys.argv]), "settings": settings_of(args), "plans": plans,
               "run_folder": str(run_dir), "machine": machine(args.device),
               "invocation_seconds": time.perf_counter() - started, "from_scratch_seconds": step_seconds,
-              "results": results, "failed": failed, "table": report}, args.json)
+              "oracle": oracle_figures, "results": results, "failed": failed, "table": report}, args.json)
         print(f"figures: {args.json}")
     return 1 if failed else 0
 

@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     images = sorted(glob.glob(os.path.join(args.i, "*_0000.nii.gz")))
     predictor = CasePredictor(args.m, PredictorOptions(device=args.device, tta=args.tta))
     head = predictor.predictor._module().classification_head
-    channels = getattr(head, "guide_channels", None)
-    if channels is None:
+    channels = head.guide_channels
+    if not channels:
         print(f"{type(head).__name__} has no guide: nothing to remove", file=sys.stderr)
         return 2
     print(f"head {type(head).__name__}, attention {getattr(head, 'attention', None) is not None}, "
@@ -84,10 +84,13 @@ def main(argv=None) -> int:
     summary = {}
     for key in ("predicted", "missed"):
         metrics = classification_metrics(y, np.array([r[key] for r in rows.values()]), names)
-        summary[key] = {"macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"]}
+        confidence = float(np.mean([max(r[f"p_{key}"]) for r in rows.values()]))
+        summary[key] = {"macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"],
+                        "mean_confidence": confidence}
     print(f"{len(rows)} cases: macro-F1 {summary['predicted']['macro_f1']:.3f} with the predicted guide, "
           f"{summary['missed']['macro_f1']:.3f} with the guide removed (accuracy "
-          f"{summary['predicted']['accuracy']:.3f}, {summary['missed']['accuracy']:.3f})")
+          f"{summary['predicted']['accuracy']:.3f}, {summary['missed']['accuracy']:.3f}; mean confidence "
+          f"{summary['predicted']['mean_confidence']:.3f}, {summary['missed']['mean_confidence']:.3f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": os.path.abspath(args.m), "tta": args.tta, "summary": summary, "cases": rows}, f,

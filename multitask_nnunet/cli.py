@@ -1,16 +1,18 @@
 """The ``multitask-nnunet`` command: one subcommand per job, each defined by the module that does the job.
 
 Every subcommand module exposes ``add_parser(subparsers)``, which registers its arguments and sets
-``func`` to the function that runs it. Bad input raises ``InputError``; it is printed as one line and the
-command exits with status 1. Warnings about the input (``errors.warn``) are one line each, and the
-frameworks' known, harmless chatter is kept off the terminal (console.py).
+``func`` to the function that runs it. Bad input raises ``InputError``, an output that cannot be written
+``WriteError`` (errors.py); either is printed as one line and the command exits with status 1, as is any other
+``OSError`` of a full, read-only or not writable file system that names its file. Warnings about the input
+(``errors.warn``) are one line each, and the frameworks' known, harmless chatter is kept off the terminal
+(console.py).
 """
 import argparse
 import importlib
 import sys
 
 from multitask_nnunet.console import our_command
-from multitask_nnunet.errors import InputError
+from multitask_nnunet.errors import WRITE_ERRNOS, InputError, WriteError
 
 SUBCOMMAND_MODULES = [
     "multitask_nnunet.conversion.synthetic",     # make-synthetic
@@ -37,8 +39,13 @@ def main(argv=None) -> int:
     try:
         with our_command(f"multitask-nnunet {args.command}"):
             return args.func(args) or 0
-    except InputError as e:
+    except (InputError, WriteError) as e:
         print(f"multitask-nnunet {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # full, read-only, not permitted, where no writer of ours said: one line naming the file
+        if e.errno not in WRITE_ERRNOS or e.filename is None:
+            raise
+        print(f"multitask-nnunet {args.command}: error: {e.filename2 or e.filename}: {e.strerror}", file=sys.stderr)
         return 1
 
 

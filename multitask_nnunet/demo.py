@@ -37,10 +37,8 @@ HEALTHY = [
     (("dice", "label_2"), "Dice, lesion (label 2)", 0.55, "0.69 to 0.93"),
     (("macro_f1",), "macro-F1 (6 test cases)", 0.5, "0.556 to 1.000"),
 ]
-MEASURED_RUNS = ("8 runs on 2-core CPUs: 4 of the earlier 20-epoch demo, 2 seeded runs of this 12-epoch demo "
-                 "before 2026-12-02 (identical: whole 0.966, lesion 0.773, F1 1.000), 2 with today's head and "
-                 "auto mode (identical: whole 0.963, lesion 0.906, F1 1.000)")
-EXPECTED_TIME = "2 min 21 s to 5 min 5 s on 2 idle CPU cores (by machine), much longer when other jobs share the cores"
+MEASURED_RUNS = "seeded runs of this demo on 2-core CPUs; TechReport, 'Demo', has the current figures"
+EXPECTED_TIME = "about 2.5 to 5 minutes on 2 idle CPU cores, longer when other jobs share them"
 
 
 def _step(number: int, text: str) -> None:

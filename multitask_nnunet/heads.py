@@ -1,34 +1,34 @@
-"""Classification heads: one registry, one builder.
+"""Classification heads: one interface, one registry, one builder.
 
 Like nnU-Net's plans, which name an architecture by its class and kwargs and rebuild it from them, a head is
 described by a *spec*, ``{"class_name": ..., "kwargs": {...}}``. The trainer plans the spec
 (``plan_head``), the checkpoint stores it beside the head's weights, and training, final validation and
 ``multitask-nnunet predict`` all rebuild the head from it through ``build_head``.
 
-Every head has one interface::
+Every head is a ``ClassificationHead``::
 
-    head(skips, segmentation_logits, guide_target=None) -> class logits (B, K)
-
-(a head whose ``decoder_stages`` is not empty also gets ``decoder_features={stage: tensor}``: the outputs of
-nnU-Net's decoder at those encoder stages' resolutions, kept by MultitaskUNet from the same pass).
+    head(skips, segmentation_logits, image=None) -> class logits (B, K)
 
 ``skips`` are the encoder's outputs, stage 0 (highest resolution) to the bottleneck; ``segmentation_logits``
-is the decoder's highest-resolution output of the same forward pass (B, C_seg, *spatial). ``guide_target``
-(training only, optional) is the ground-truth mask of the guide structure at the same resolution
-(B, 1, *spatial): a head that pools by a guide may pool over it instead of the prediction ("teacher forcing",
-as Faster R-CNN adds ground-truth boxes to its proposals). Heads work for 2d and 3d alike.
+is the decoder's highest-resolution output of the same forward pass (B, C_seg, *spatial), detached; ``image``
+is the network's input of that pass (B, C_in, *spatial), nnU-Net-normalised. Heads work for 2d and 3d alike.
 
-- ``SegGuidedHead`` (the default): pools several encoder stages, each weighted by the network's own predicted
-  probability of the structure that carries the class (the *guide*, detached), concatenated with the global
-  average of the bottleneck, then a small MLP. A structure that fills well under 1% of the crop is invisible
-  to a global average after instance norm; weighting by its predicted probability pools exactly there.
-  ``pool_decoder_stages`` (off by default) pools decoder features the same way; ``attention`` (on by default)
-  learns a per-voxel score that reweights the guide within its support.
+- ``SegGuidedHead`` (the default): reads the structure that carries the class (the *guide*: for the pancreas
+  quiz, the lesion) and the organ around it (the predicted foreground: the whole pancreas), as the network
+  itself predicts them. A structure that fills well under 1% of the crop is invisible to a global average
+  after instance norm; weighting by its predicted probability pools exactly there. Per pooled encoder stage:
+  the guide-weighted mean (attention within the guide), the organ-weighted mean (the context branch), then the
+  bottleneck's global mean and explicit descriptors of the predicted structures (volumes, intensity in the
+  lesion, its rim and the organ), then a small MLP. Trained with guide dropout, so that a missed lesion leaves
+  a head that answers from the organ, less confidently, instead of one that is confidently wrong.
 - ``GAPHead`` (the first design, kept for comparison): global average pooling of the bottleneck and an MLP.
-"""
-import math
-from typing import Dict, List, Optional, Sequence, Type, Union
 
+Adding a head: subclass ``ClassificationHead``, give it a ``plan`` classmethod, and register it in ``HEADS``
+(``register_head``).
+"""
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -53,7 +53,35 @@ def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
     return x.float().mean(dim=tuple(range(2, x.ndim)))
 
 
-class GAPHead(nn.Module):
+class ClassificationHead(nn.Module):
+    """What the trainer, the network, the saliency pass and the training log may ask of a head.
+
+    ``uses_guide``: ``plan`` needs the guide (``resolve_guide``), and the trainer logs where the head pooled
+    (``last_pooling_weights`` against the ground-truth guide). ``last_pooling_weights``: the detached weights of
+    the last forward pass in training mode, or in any mode while ``keep_pooling_weights`` is set (the saliency
+    pass), (B, 1, *grid); None for a head that does not pool by a guide. ``guide_channels``: the segmentation
+    channels of the guide (empty without one)."""
+    uses_guide = False
+
+    def __init__(self):
+        super().__init__()
+        self.last_pooling_weights: Optional[torch.Tensor] = None
+        self.keep_pooling_weights = False
+        self.guide_channels: List[int] = []
+
+    @classmethod
+    def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None,
+             input_channels: int = 1, voxel_ml: float = 1e-3, **overrides) -> dict:
+        """The complete kwargs of this head for a network (``input_channels``, ``voxel_ml``: the volume of one
+        voxel of the configuration's spacing, in mL), with ``overrides`` applied."""
+        raise NotImplementedError
+
+    def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: Optional[torch.Tensor] = None,
+                image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GAPHead(ClassificationHead):
     """Global average pooling of the bottleneck, LayerNorm, then an MLP to ``num_classes`` logits."""
 
     def __init__(self, in_channels: int, num_classes: int, hidden: Sequence[int] = (128, 64), dropout: float = 0.3):
@@ -61,72 +89,71 @@ class GAPHead(nn.Module):
         self.mlp = _mlp(in_channels, hidden, num_classes, dropout)
 
     @classmethod
-    def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None, **overrides) -> dict:
+    def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None,
+             input_channels: int = 1, voxel_ml: float = 1e-3, **overrides) -> dict:
         return {"in_channels": int(encoder_channels[-1]), "num_classes": int(num_classes), "hidden": [128, 64],
                 "dropout": 0.3, **overrides}
 
-    def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: Optional[torch.Tensor] = None,
-                guide_target: Optional[torch.Tensor] = None):
+    def forward(self, skips, segmentation_logits=None, image=None):
         return self.mlp(_spatial_mean(skips[-1]))
 
 
-class SegGuidedHead(nn.Module):
-    """Guide-weighted pooling of encoder stages ``pool_stages`` plus the bottleneck's global average, then an MLP.
+class SegGuidedHead(ClassificationHead):
+    """Guide- and organ-weighted pooling of encoder stages ``pool_stages``, the bottleneck's global average and
+    descriptors of the predicted structures, then an MLP.
 
     The guide is the predicted probability of the structure that carries the class: the sigmoid of region
     channels ``guide_channels`` (their union, for region-based datasets) or the summed softmax of label
-    channels (label-based), kept where it is >= 0.5 (the predicted structure). It is computed without
-    gradient, area-averaged down to each stage's grid, and normalised to sum to one per case, so the pooled
-    feature is a guide-weighted mean. When fewer than ``min_guide_voxels`` voxels of a case are predicted as
-    the guide structure, the predicted foreground (``foreground_channels``) is used instead, and when that is
-    empty too, plain global pooling: never a division by zero or a NaN.
+    channels (label-based), kept where it is >= 0.5 (the predicted structure). The organ is the predicted
+    foreground (``foreground_channels``), likewise. Both are computed without gradient, area-averaged down to
+    each stage's grid and normalised to sum to one per case, so each pooled feature is a weighted mean. When
+    fewer than ``min_guide_voxels`` voxels of a case are predicted as the guide, the guide branch pools the
+    organ instead, and when that is empty too, the whole input: never a division by zero or a NaN.
 
-    ``guide_top_fraction`` > 0 adds a step before the foreground fallback: a case whose guide structure is
-    predicted empty pools over the voxels of its predicted foreground with the highest guide probability, that
-    fraction of the foreground's voxels (at least one), weighted by that probability. Early in training a small
-    structure is ranked above its surroundings before its probability reaches 0.5, so the head can pool where
-    it is while the segmentation has not found it yet, in training and at inference alike.
+    - ``attention``: per pooled stage, a linear score of each voxel's features (initialised to zero, so the head
+      starts as the plain guide pooling) reweights the guide, ``w * exp(score)``, normalised per case
+      (attention-based multiple-instance pooling restricted to the guide's support). While the guide falls back
+      to the organ (a lesion not segmented yet), the head can still learn from the class labels alone where
+      the class shows.
+    - ``context``: the organ-weighted mean of the same stages, always, beside the guide's: the parenchyma
+      around the lesion carries class signal too, and it is what is left when the lesion is missed.
+    - ``descriptors``: what a radiologist reads, from the input image (nnU-Net-normalised) and the predicted
+      structures: log volume (mL, ``voxel_ml`` per voxel) of the guide and of the organ, the guide's share of
+      the organ, whether a guide was found, and per input channel the mean and spread of intensity in the
+      guide, its rim (up to 2 voxels outside it) and the organ without the guide.
+    - ``guide_dropout``: in training, each case's predicted guide is dropped with this probability, so the head
+      also learns to answer as if the lesion had been missed (guide found = 0, the guide branch on the organ).
 
-    In training, a case whose ``guide_target`` (the ground-truth guide mask, see the module docstring) holds at
-    least ``min_guide_voxels`` voxels is pooled over that mask instead: the head then learns what the
-    structure looks like from the first epoch on, also while the segmentation has not found it yet (a lesion
-    of < 1% of the crop is segmented late). Cases without it (no mask, the structure outside the patch, or not
-    chosen for teacher forcing) use the prediction, as at inference.
-
-    ``attention`` (planned on by default since 2026-12-02; the constructor's False keeps older checkpoints, whose
-    kwargs lack it, as they were trained) learns where to pool *within* the guide's weights: per pooled stage, a linear
-    score of each voxel's features (a 1x1 convolution, initialised to zero, so the head starts as the plain guide
-    pooling) reweights the guide, ``w * exp(score)``, normalised per case (attention-based multiple-instance
-    pooling restricted to the guide's support). While the guide falls back to the predicted foreground (a lesion
-    not segmented yet), the head can still learn from the class labels alone to pool where the class shows. The
-    scores see the same features as the pooling, so they are detached with them in the head-only phases.
+    The constructor's defaults (all off) rebuild checkpoints whose kwargs predate an option as they were
+    trained; ``plan`` turns them on for new trainings.
     """
+    uses_guide = True
+    RIM_VOXELS = 2
 
     def __init__(self, encoder_channels: Sequence[int], num_classes: int, guide_channels: Sequence[int],
                  foreground_channels: Sequence[int], guide_activation: str = "sigmoid",
                  pool_stages: Optional[Sequence[int]] = None, hidden: Sequence[int] = (128,), dropout: float = 0.3,
-                 min_guide_voxels: float = 1.0, guide_top_fraction: float = 0.0,
-                 pool_decoder_stages: Sequence[int] = (), attention: bool = False):
+                 min_guide_voxels: float = 1.0, attention: bool = False, context: bool = False,
+                 descriptors: bool = False, guide_dropout: float = 0.0, input_channels: int = 1,
+                 voxel_ml: float = 1e-3):
         super().__init__()
         if guide_activation not in ("sigmoid", "softmax"):
             raise ValueError(f"guide_activation must be 'sigmoid' or 'softmax', got {guide_activation!r}")
+        if not 0.0 <= float(guide_dropout) < 1.0:
+            raise ValueError(f"guide_dropout must lie in [0, 1), got {guide_dropout!r}")
         n = len(encoder_channels)
         self.pool_stages = [s % n for s in (range(1, n) if pool_stages is None else pool_stages)]
-        # the decoder has outputs at encoder stages 0 .. n-2 (none at the bottleneck); MultitaskUNet reads this
-        if any(not -(n - 1) <= s < n - 1 for s in pool_decoder_stages):
-            raise ValueError(f"pool_decoder_stages {list(pool_decoder_stages)}: the decoder has outputs at encoder "
-                             f"stages 0..{n - 2} (or negative from the deepest)")
-        self.decoder_stages = [s % (n - 1) for s in pool_decoder_stages]
         self.guide_channels = [int(c) for c in guide_channels]
         self.foreground_channels = [int(c) for c in foreground_channels]
         self.guide_activation = guide_activation
         self.min_guide_voxels = float(min_guide_voxels)
-        if not 0.0 <= float(guide_top_fraction) <= 1.0:
-            raise ValueError(f"guide_top_fraction must lie in [0, 1], got {guide_top_fraction!r}")
-        self.guide_top_fraction = float(guide_top_fraction)
-        # a decoder stage has the channels of the encoder stage it joins
-        stage_channels = [int(encoder_channels[s]) for s in self.pool_stages + self.decoder_stages]
-        pooled = sum(stage_channels) + int(encoder_channels[-1])
+        self.context = bool(context)
+        self.guide_dropout = float(guide_dropout)
+        self.input_channels = int(input_channels)
+        self.voxel_ml = float(voxel_ml)
+        self.num_descriptors = (4 + 6 * self.input_channels) if descriptors else 0
+        stage_channels = [int(encoder_channels[s]) for s in self.pool_stages]
+        pooled = sum(stage_channels) * (2 if self.context else 1) + int(encoder_channels[-1]) + self.num_descriptors
         self.attention = None
         if attention:
             self.attention = nn.ModuleList(nn.Linear(c, 1) for c in stage_channels)
@@ -134,23 +161,26 @@ class SegGuidedHead(nn.Module):
                 nn.init.zeros_(score.weight)
                 nn.init.zeros_(score.bias)
         self.mlp = _mlp(pooled, hidden, num_classes, dropout)
-        #: the detached weights of the last forward pass in training mode, or in any mode while
-        #: ``keep_pooling_weights`` is set (the saliency pass) (not a buffer: never in a checkpoint): the guide's,
-        #: at the segmentation's resolution; with ``attention``, the attended weights of the first pooled stage,
-        #: at that stage's grid (where the head actually pooled)
-        self.last_pooling_weights: Optional[torch.Tensor] = None
-        self.keep_pooling_weights = False
+        #: where each branch sits in the MLP's input (the saliency pass weighs the branches' maps by them)
+        width = sum(stage_channels)
+        self.branches: Dict[str, slice] = {"guide": slice(0, width)}
+        if self.context:
+            self.branches["context"] = slice(width, 2 * width)
+        #: the organ weights of the context branch, kept like ``last_pooling_weights`` (None without ``context``)
+        self.last_context_weights: Optional[torch.Tensor] = None
 
     @classmethod
-    def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None, **overrides) -> dict:
+    def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None,
+             input_channels: int = 1, voxel_ml: float = 1e-3, **overrides) -> dict:
         if guide is None:
             raise ValueError("SegGuidedHead needs a guide (see resolve_guide)")
         return {"encoder_channels": [int(c) for c in encoder_channels], "num_classes": int(num_classes),
                 "guide_channels": list(guide["guide_channels"]),
                 "foreground_channels": list(guide["foreground_channels"]),
                 "guide_activation": guide["guide_activation"], "pool_stages": None, "hidden": [128],
-                "dropout": 0.3, "min_guide_voxels": 1.0, "guide_top_fraction": 0.0, "pool_decoder_stages": [],
-                "attention": True, **overrides}
+                "dropout": 0.3, "min_guide_voxels": 1.0, "attention": True, "context": True, "descriptors": True,
+                "guide_dropout": 0.25, "input_channels": int(input_channels), "voxel_ml": float(voxel_ml),
+                **overrides}
 
     def _probability(self, probabilities: torch.Tensor, channels: List[int]) -> torch.Tensor:
         selected = probabilities[:, channels]
@@ -158,52 +188,53 @@ class SegGuidedHead(nn.Module):
         return selected.amax(1) if self.guide_activation == "sigmoid" else selected.sum(1)
 
     @torch.no_grad()
-    def pooling_weights(self, segmentation_logits: torch.Tensor,
-                        guide_target: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, 1, *spatial) float32 weights at the segmentation's resolution: the ground-truth guide mask where
-        ``guide_target`` has one (training), else the predicted guide structure (voxels with probability >= 0.5,
-        weighted by that probability), else (``guide_top_fraction`` > 0) the top-ranked guide probabilities
-        within the predicted foreground, else the predicted foreground, else uniform. Only predicted or
-        top-ranked voxels count: a diffuse low probability over a whole crop (early in training) would otherwise
-        outweigh a small structure."""
+    def predicted_structures(self, segmentation_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(guide, organ), each (B, *spatial) float32: the predicted probability where it is >= 0.5, else 0.
+        Only predicted voxels count: a diffuse low probability over a whole crop (early in training) would
+        otherwise outweigh a small structure."""
         logits = segmentation_logits.detach().float()
         probabilities = torch.sigmoid(logits) if self.guide_activation == "sigmoid" else torch.softmax(logits, 1)
-        probability = self._probability(probabilities, self.guide_channels)
-        foreground = self._probability(probabilities, self.foreground_channels)
-        guide, foreground = probability * (probability >= 0.5), foreground * (foreground >= 0.5)
-        predicted = lambda w: (w > 0).flatten(1).sum(1).view(-1, *([1] * (w.ndim - 1)))  # noqa: E731
-        fallback = torch.where(predicted(foreground) >= self.min_guide_voxels, foreground, torch.ones_like(guide))
-        if self.guide_top_fraction > 0:
-            ranked = self._top_of_foreground(probability, foreground)
-            fallback = torch.where(predicted(ranked) >= self.min_guide_voxels, ranked, fallback)
-        weights = torch.where(predicted(guide) >= self.min_guide_voxels, guide, fallback)
-        if guide_target is not None:
-            target = (guide_target.detach()[:, 0] > 0).float()
-            weights = torch.where(predicted(target) >= self.min_guide_voxels, target, weights)
-        return weights[:, None]
+        guide = self._probability(probabilities, self.guide_channels)
+        organ = self._probability(probabilities, self.foreground_channels)
+        return guide * (guide >= 0.5), organ * (organ >= 0.5)
 
-    def _top_of_foreground(self, probability: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
-        """Per case, the guide probability on the ``guide_top_fraction`` of predicted-foreground voxels where it
-        is highest (exactly that many, at least one), zero elsewhere; all zero without predicted foreground."""
-        inside = (foreground > 0).flatten(1)
-        candidates = torch.where(inside, probability.flatten(1), torch.full_like(inside, -1.0, dtype=probability.dtype))
-        chosen = torch.zeros_like(inside)
-        for b, n in enumerate(inside.sum(1).tolist()):
-            if n > 0:
-                k = max(1, int(math.ceil(self.guide_top_fraction * n)))
-                chosen[b, torch.topk(candidates[b], k, sorted=False).indices] = True
-        return (probability.flatten(1) * chosen).view_as(probability)
+    @torch.no_grad()
+    def guide_found(self, segmentation_logits: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the guide structure is predicted (at least ``min_guide_voxels`` voxels)."""
+        return self._found(self.predicted_structures(segmentation_logits)[0])
 
-    def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: torch.Tensor,
-                guide_target: Optional[torch.Tensor] = None,
-                decoder_features: Optional[Dict[int, torch.Tensor]] = None) -> torch.Tensor:
-        weights = self.pooling_weights(segmentation_logits, guide_target)
+    def _found(self, weights: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: at least ``min_guide_voxels`` voxels of the case are non-zero."""
+        return (weights > 0).flatten(1).sum(1) >= self.min_guide_voxels
+
+    def _fallback(self, preferred: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        view = (-1,) + (1,) * (preferred.ndim - 1)
+        return torch.where(self._found(preferred).view(view), preferred, fallback)
+
+    @torch.no_grad()
+    def pooling_weights(self, segmentation_logits: torch.Tensor) -> torch.Tensor:
+        """(B, 1, *spatial) float32 weights of the guide branch at the segmentation's resolution: the predicted
+        guide, else the predicted organ, else uniform."""
+        guide, organ = self.predicted_structures(segmentation_logits)
+        return self._guide_weights(guide, organ)[:, None]
+
+    def _guide_weights(self, guide: torch.Tensor, organ: torch.Tensor) -> torch.Tensor:
+        return self._fallback(guide, self._fallback(organ, torch.ones_like(organ)))
+
+    def forward(self, skips, segmentation_logits, image=None):
+        guide, organ = self.predicted_structures(segmentation_logits)
+        if self.training and self.guide_dropout > 0:
+            kept = torch.rand(guide.shape[0], device=guide.device) >= self.guide_dropout
+            guide = guide * kept.view(-1, *([1] * (guide.ndim - 1)))
+        weights = self._guide_weights(guide, organ)[:, None]
+        organ_weights = self._fallback(organ, torch.ones_like(organ))[:, None]
         keep = self.training or self.keep_pooling_weights  # the training log and the saliency pass read these
         if keep:
             self.last_pooling_weights = weights
-        pooled = []
-        stages = [skips[s] for s in self.pool_stages] + [decoder_features[s] for s in self.decoder_stages]
-        for index, features in enumerate(stages):
+            self.last_context_weights = organ_weights if self.context else None
+        guide_pooled, organ_pooled = [], []
+        for index, s in enumerate(self.pool_stages):
+            features = skips[s]
             # float32 on purpose: a weighted mean over ~10^6 voxels must not be accumulated in fp16
             with torch.autocast(features.device.type, enabled=False):
                 flat = features.float().flatten(2)  # (B, C, N)
@@ -212,10 +243,45 @@ class SegGuidedHead(nn.Module):
                     w = _attend(w, self.attention[index](flat.transpose(1, 2))[..., 0])
                     if keep and index == 0:
                         self.last_pooling_weights = w.detach().view(-1, 1, *features.shape[2:])
-                w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
-                pooled.append(torch.bmm(flat, w[..., None])[..., 0])
-        pooled.append(_spatial_mean(skips[-1]))
+                guide_pooled.append(_weighted_mean(flat, w))
+                if self.context:
+                    organ_pooled.append(_weighted_mean(flat, area_resize(organ_weights, features.shape[2:]).flatten(1)))
+        pooled = guide_pooled + organ_pooled + [_spatial_mean(skips[-1])]
+        if self.num_descriptors:
+            if image is None:
+                raise ValueError("SegGuidedHead(descriptors=True) needs the network's input image")
+            pooled.append(self.describe(image, guide, organ))
         return self.mlp(torch.cat(pooled, 1))
+
+    @torch.no_grad()
+    def describe(self, image: torch.Tensor, guide: torch.Tensor, organ: torch.Tensor) -> torch.Tensor:
+        """(B, 4 + 6 * C_in) float32 descriptors of the predicted structures (see the class docstring)."""
+        image = image.detach().float()
+        lesion = guide > 0
+        organ = organ > 0
+        pool = F.max_pool3d if lesion.ndim == 4 else F.max_pool2d
+        k = 2 * self.RIM_VOXELS + 1
+        rim = (pool(lesion[:, None].float(), k, stride=1, padding=self.RIM_VOXELS)[:, 0] > 0) & ~lesion
+        parenchyma = organ & ~lesion
+        lesion_n, organ_n = lesion.flatten(1).sum(1).float(), (organ | lesion).flatten(1).sum(1).float()
+        found = (lesion_n >= self.min_guide_voxels).float()
+        columns = [torch.log1p(lesion_n * self.voxel_ml), torch.log1p(organ_n * self.voxel_ml),
+                   lesion_n / organ_n.clamp_min(1), found]
+        flat = image.flatten(2)  # (B, C_in, N)
+        for mask in (lesion, rim, parenchyma):
+            m = mask.flatten(1).float()[:, None]  # (B, 1, N)
+            n = m.sum(2).clamp_min(1)
+            mean = (flat * m).sum(2) / n
+            spread = (((flat - mean[..., None]) ** 2 * m).sum(2) / n).sqrt()
+            present = (m.sum(2) > 0).float()
+            columns += list((mean * present).unbind(1)) + list((spread * present).unbind(1))
+        return torch.stack(columns, 1)
+
+
+def _weighted_mean(flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B, C, N) features, (B, N) non-negative weights -> (B, C) weighted means."""
+    w = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
+    return torch.bmm(flat, w[..., None])[..., 0]
 
 
 def _attend(weights: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -235,16 +301,33 @@ def area_resize(weights: torch.Tensor, size) -> torch.Tensor:
     return pool(weights, size)
 
 
+#: the head a trainer plans unless it names another (``MultitasknnUNetTrainer.head_class``)
+DEFAULT_HEAD = "SegGuidedHead"
+
 #: every head the builder knows, by class name (the name stored in checkpoints)
-HEADS: Dict[str, Type[nn.Module]] = {"SegGuidedHead": SegGuidedHead, "GAPHead": GAPHead}
+HEADS: Dict[str, Type[ClassificationHead]] = {"SegGuidedHead": SegGuidedHead, "GAPHead": GAPHead}
+
+#: kwargs of earlier versions' SegGuidedHead that no longer exist, with the value that meant "off": a checkpoint
+#: that has them at that value rebuilds without them
+_RETIRED_KWARGS = {"SegGuidedHead": {"guide_top_fraction": 0.0, "pool_decoder_stages": []}}
+
+
+def register_head(cls: Type[ClassificationHead]) -> Type[ClassificationHead]:
+    """Makes a head known to the builder under its class name (usable as a decorator). Register it in a module
+    that the training and the prediction both import, e.g. the module of the trainer that names it."""
+    if not (isinstance(cls, type) and issubclass(cls, ClassificationHead)):
+        raise TypeError(f"{cls!r} is not a ClassificationHead subclass")
+    HEADS[cls.__name__] = cls
+    return cls
 
 
 def plan_head(class_name: str, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None,
-              **overrides) -> dict:
+              input_channels: int = 1, voxel_ml: float = 1e-3, **overrides) -> dict:
     """The spec of a head: its class name and the complete kwargs that ``build_head`` rebuilds it from."""
     if class_name not in HEADS:
         raise InputError(f"unknown classification head '{class_name}'; known heads: {', '.join(HEADS)}")
-    kwargs = HEADS[class_name].plan(encoder_channels, num_classes, guide, **overrides)
+    kwargs = HEADS[class_name].plan(encoder_channels, num_classes, guide, input_channels=input_channels,
+                                    voxel_ml=voxel_ml, **overrides)
     return {"class_name": class_name, "kwargs": _plain(kwargs)}
 
 
@@ -259,7 +342,14 @@ def head_spec_from_checkpoint(entry: dict) -> dict:
     """The spec stored in a checkpoint's ``classification_head`` entry. Checkpoints written before the registry
     existed (version 0.1.0: ``hidden``/``dropout`` keys, a GAP head) map onto ``GAPHead``."""
     if "class_name" in entry:
-        return {"class_name": entry["class_name"], "kwargs": entry["kwargs"]}
+        kwargs = dict(entry["kwargs"])
+        for key, off in _RETIRED_KWARGS.get(entry["class_name"], {}).items():
+            if key in kwargs:
+                if _plain(kwargs[key]) != off:
+                    raise InputError(f"the checkpoint's {entry['class_name']} was trained with {key}="
+                                     f"{kwargs[key]!r}, an option this version no longer has")
+                del kwargs[key]
+        return {"class_name": entry["class_name"], "kwargs": kwargs}
     in_channels = int(entry["state_dict"]["mlp.0.weight"].shape[0])
     return {"class_name": "GAPHead", "kwargs": {"in_channels": in_channels, "num_classes": int(entry["num_classes"]),
                                                 "hidden": list(entry["hidden"]), "dropout": float(entry["dropout"])}}
@@ -283,6 +373,29 @@ def resolve_guide(label_manager, dataset_json: dict, guide: Optional[Union[str, 
     else:
         channels = [_channel_of(label_manager, dataset_json, guide)]
     return {"guide_channels": channels, "foreground_channels": foreground, "guide_activation": activation}
+
+
+def guide_labels(label_manager, channels: Sequence[int]) -> List[int]:
+    """The labels of an exported label map that make up the segmentation channels ``channels`` (a region: every
+    label it holds; labels: the channel's own)."""
+    labels = set()
+    for c in channels:
+        if label_manager.has_regions:
+            region = label_manager.foreground_regions[c]
+            labels.update(int(v) for v in (region if isinstance(region, (list, tuple)) else [region]))
+        else:
+            labels.add(int(label_manager.all_labels[c]))
+    return sorted(labels)
+
+
+def guide_summary(segmentation, spacing, labels: Sequence[int]) -> Dict[str, float]:
+    """``{"guide_ml": volume of the guide labels in mL, "no_guide": 1.0 if none was predicted else 0.0}`` of an
+    exported label map with voxel ``spacing`` (mm); empty for a head without a guide (no ``labels``)."""
+    if not labels:
+        return {}
+    voxels = int(np.isin(segmentation, list(labels)).sum())
+    return {"guide_ml": round(voxels * float(np.prod([float(s) for s in spacing])) / 1000.0, 4),
+            "no_guide": 0.0 if voxels else 1.0}
 
 
 def _channel_of(label_manager, dataset_json: dict, guide: Union[str, int]) -> int:

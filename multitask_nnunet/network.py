@@ -5,8 +5,7 @@ its state-dict keys are exactly nnU-Net's plus ``classification_head.*``; nnU-Ne
 ``network.decoder.deep_supervision`` keep working, and the segmentation weights load into a stock network.
 The head is built elsewhere (multitask_nnunet.heads) and handed in.
 """
-from functools import partial
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -19,14 +18,12 @@ class MultitaskUNet(nn.Module):
     """One encoder pass feeds nnU-Net's decoder and the classification head.
 
     ``forward(x)`` returns what nnU-Net expects (segmentation only, deep supervision as nnU-Net set it), so
-    nnU-Net's predictor and trainer code can call it unchanged. ``forward_multitask(x)`` returns
-    ``(segmentation, class_logits)`` from the same pass: the head sees the encoder's skips and the decoder's
-    highest-resolution segmentation logits (see multitask_nnunet.heads). ``detach_features=True`` (the
-    curriculum's head-only phases) feeds the head detached skips, so the classification loss sends no gradient
-    into the encoder; the segmentation logits a head uses as a guide are always detached. ``guide_target``
-    (training only) is handed to the head (see multitask_nnunet.heads). Both go through ``forward`` so that DDP
-    and torch.compile wrappers see the multi-task call too. A head with ``decoder_stages`` also gets the
-    outputs of nnU-Net's decoder stages at those resolutions (detached with the skips in the head-only phases).
+    nnU-Net's predictor and trainer code can call it unchanged. ``forward(x, return_classification=True)``
+    returns ``(segmentation, class_logits)`` from the same pass: the head sees the encoder's skips, the decoder's
+    highest-resolution segmentation logits and the input (see multitask_nnunet.heads). ``detach_features=True``
+    (the curriculum's head-only phases) feeds the head detached skips, so the classification loss sends no
+    gradient into the encoder; the segmentation logits a head reads are always detached. Both go through
+    ``forward`` so that DDP and torch.compile wrappers see the multi-task call too.
     """
 
     def __init__(self, segmentation_network: nn.Module, head: nn.Module):
@@ -35,38 +32,20 @@ class MultitaskUNet(nn.Module):
         self.encoder = segmentation_network.encoder
         self.decoder = segmentation_network.decoder
         self.classification_head = head
-        # decoder features for a head that pools them (``decoder_stages``: resolutions in the encoder's stage
-        # numbering), kept by forward hooks on nnU-Net's decoder stages rather than a copy of its forward
-        self._decoder_features: Dict[int, torch.Tensor] = {}
-        for stage in getattr(head, "decoder_stages", ()):
-            index = len(self.decoder.stages) - 1 - stage  # decoder stage i outputs at encoder stage n - 2 - i
-            self.decoder.stages[index].register_forward_hook(partial(MultitaskUNet._keep_decoder_feature, self, stage))
 
-    def _keep_decoder_feature(self, stage: int, module, inputs, output) -> None:
-        self._decoder_features[stage] = output
-
-    def forward(self, x: torch.Tensor, return_classification: bool = False, detach_features: bool = False,
-                guide_target: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, return_classification: bool = False, detach_features: bool = False):
         skips = self.encoder(x)
         segmentation = self.decoder(skips)
         if not return_classification:
-            self._decoder_features.clear()
             return segmentation
-        return segmentation, self.classify(skips, segmentation, detach_features, guide_target)
+        return segmentation, self.classify(x, skips, segmentation, detach_features)
 
-    def classify(self, skips, segmentation, detach_features: bool = False,
-                 guide_target: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The head's class logits from this pass's encoder skips and decoder output (and, for a head with
-        ``decoder_stages``, the decoder features its hooks kept in that pass)."""
-        decoder_features = dict(self._decoder_features)
-        self._decoder_features.clear()  # nothing is held between passes
+    def classify(self, x: torch.Tensor, skips, segmentation, detach_features: bool = False) -> torch.Tensor:
+        """The head's class logits from this pass's input, encoder skips and decoder output."""
         if detach_features:
             skips = [s.detach() for s in skips]
-            decoder_features = {k: v.detach() for k, v in decoder_features.items()}
         full_resolution = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
-        extra = {"decoder_features": decoder_features} if getattr(self.classification_head, "decoder_stages", ()) \
-            else {}
-        return self.classification_head(skips, full_resolution.detach(), guide_target, **extra)
+        return self.classification_head(skips, full_resolution.detach(), x.detach())
 
     def forward_multitask(self, x: torch.Tensor, detach_features: bool = False) -> Tuple[object, torch.Tensor]:
         return self(x, return_classification=True, detach_features=detach_features)

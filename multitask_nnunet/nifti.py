@@ -20,7 +20,9 @@ command that reads a NIfTI file (predict its images; convert its images and mask
 predictions) first calls ``check_complete``. The check is cheap: the header (read by nibabel) gives the byte
 count of the uncompressed file, and a gzip file ends with the length of its uncompressed data (modulo 2^32).
 Only when the two disagree (a truncated file, or a rare multi-member gzip file) is the file decompressed as a
-stream, to tell which: truncated gzip data ends before its end-of-stream marker.
+stream, to tell which: truncated gzip data ends before its end-of-stream marker. SimpleITK also *writes* such
+files without complaint when the disk fills up, so every NIfTI file this project writes is checked the same way
+(``written_incompletely``, called by atomic.py) before it gets its final name.
 """
 import io
 import os
@@ -28,7 +30,7 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import nibabel
 import numpy as np
@@ -36,6 +38,7 @@ import numpy as np
 from multitask_nnunet.errors import InputError, one_line
 
 _CHUNK = 1 << 22
+_NIFTI_ENDINGS = (".nii", ".nii.gz")
 VALUE_TOLERANCE = 1e-3      # how far a stored label value may lie from its integer
 GEOMETRY_TOLERANCE = 1e-4   # spacing, origin and direction: how far two grids may differ and still be one
 
@@ -133,25 +136,45 @@ def check_complete(path) -> None:
     its header says. Other files, and files that are missing or whose header cannot be read (the image reader
     then says what is wrong), pass."""
     path = os.fspath(path)
-    if not path.endswith((".nii", ".nii.gz")) or not os.path.isfile(path):
+    if not path.endswith(_NIFTI_ENDINGS) or not os.path.isfile(path):
         return
     expected = _expected_bytes(path)
+    shortfall = None if expected is None else _shortfall(path, expected)
+    if shortfall:
+        raise InputError(f"{path}: {shortfall}")
+
+
+def written_incompletely(path) -> Optional[str]:
+    """What is wrong with a NIfTI file just written (None: nothing, or not a NIfTI file name), for writers that
+    run out of room without an error (SimpleITK's NIfTI writer on a full disk leaves an empty or cut-off file and
+    raises nothing). Stricter than ``check_complete``: a header that cannot be read counts as well, since this
+    project's writers always write one."""
+    path = os.fspath(path)
+    if not path.endswith(_NIFTI_ENDINGS):
+        return None
+    size = os.path.getsize(path)
+    if size == 0:
+        return "0 bytes"
+    expected = _expected_bytes(path)
     if expected is None:
-        return
+        return f"{size} bytes, cut off inside its NIfTI header"
+    return _shortfall(path, expected)
+
+
+def _shortfall(path: str, expected: int) -> Optional[str]:
+    """How a NIfTI file falls short of the ``expected`` bytes its header describes; None if it does not."""
     if path.endswith(".nii"):
         size = os.path.getsize(path)
-        if size < expected:
-            raise InputError(f"{path}: truncated NIfTI file: {size} bytes, its header describes {expected}")
-        return
+        return f"truncated NIfTI file: {size} bytes, its header describes {expected}" if size < expected else None
     if _gzip_trailer_size(path) == expected % (1 << 32):
-        return
+        return None
     complete, size = _decompressed_size(path)
     if not complete:
-        raise InputError(f"{path}: truncated or damaged file: its gzip stream breaks off after {size} of the "
-                         f"{expected} bytes its NIfTI header describes")
+        return (f"truncated or damaged file: its gzip stream breaks off after {size} of the {expected} bytes its "
+                f"NIfTI header describes")
     if size < expected:
-        raise InputError(f"{path}: truncated NIfTI file: {size} bytes uncompressed, its header describes "
-                         f"{expected}")
+        return f"truncated NIfTI file: {size} bytes uncompressed, its header describes {expected}"
+    return None
 
 
 def _expected_bytes(path: str):

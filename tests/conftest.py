@@ -23,6 +23,27 @@ TEST_TRAINERS = Path(__file__).resolve().parent / "trainers"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+#: fixtures that train or preprocess with the real command lines: a test that needs one is slow
+PIPELINE_FIXTURES = {"preprocessed", "trained", "class_only", "class_only_trained"}
+#: calls (tests/cli.py) that start a real command line
+SUBPROCESS_CALLS = ("run(", "run_at_once(", "Started(", "kill_when(")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: drives real command lines (nnU-Net's or ours) as subprocesses; "
+                                       "pytest -m 'not slow' runs the rest, the in-process unit tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks as ``slow`` every test that needs a pipeline fixture or starts a command line itself."""
+    import inspect
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function is not None else ""
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())) or any(c in source for c in SUBPROCESS_CALLS):
+            item.add_marker(pytest.mark.slow)
+
+
 @dataclass(frozen=True)
 class Pipeline:
     root: Path

@@ -1,4 +1,4 @@
-"""Issue 11, explain and trust the class: ``predict --saliency`` (HiResCAM or Grad-CAM NIfTI in the input's
+"""Explain and trust the class: ``predict --saliency`` (the decision map, HiResCAM or Grad-CAM NIfTI in the input's
 geometry, PNGs, index.html), uncertainty (entropy, confidence, MC-dropout mutual information, per-voxel segmentation entropy),
 temperature scaling fitted in final validation and applied by ``predict``, and ``evaluate``'s probability
 metrics (ROC-AUC, Brier, ECE, reliability diagram). The CLIs run as subprocesses on the session's tiny model."""
@@ -115,7 +115,7 @@ def mtimes(folder) -> dict:
 
 @pytest.fixture(scope="module")
 def explained(trained, tmp_path_factory):
-    """The synthetic test images predicted with every option of issue 11 on, and once with --no-calibration."""
+    """The synthetic test images predicted with every explanation option on, and once with --no-calibration."""
     root = tmp_path_factory.mktemp("explain")
     run_at_once([predict_cmd(trained, trained.source / "test", root / "explain", *EXPLAIN_FLAGS, "--profile",
                              root / "profile.json"),
@@ -153,8 +153,9 @@ def test_uncertainty_columns_and_unchanged_results_csv(explained):
         assert (folder / "subtype_results.csv").read_text().splitlines()[0] == "Names,Subtype"
         rows = read_rows(folder / "class_probabilities.csv")
         assert list(rows[0]) == ["Names", "Subtype", "prob_subtype0", "prob_subtype1", "prob_subtype2", "entropy",
-                                 "confidence", *extra]
-        for r in rows:
+                                 "confidence", *sorted(extra + ["guide_ml", "no_guide"])]
+        for r in rows:  # the predicted lesion's volume, and the flag of a case without one
+            assert float(r["guide_ml"]) >= 0 and float(r["no_guide"]) == float(float(r["guide_ml"]) == 0)
             p = np.array([float(r[f"prob_subtype{k}"]) for k in range(3)])
             assert float(r["confidence"]) == pytest.approx(p.max(), abs=2e-6)
             assert float(r["entropy"]) == pytest.approx(-(p * np.log(np.clip(p, 1e-12, 1))).sum(), abs=1e-4)
@@ -241,10 +242,10 @@ def test_bad_options_are_one_line_errors(trained, tmp_path):
 
 
 def test_both_saliency_methods_in_process(trained):
-    """The one-case API with each saliency method on one correctly classified test case: both maps lie in [0, 1]
-    on the input's grid with their peak at 1; HiResCAM (the default) puts more of its mass in the dilated lesion
-    than Grad-CAM (TechReport 6.5: a median 51% against 8% on this model). An unknown method is a one-line
-    InputError."""
+    """The one-case API with each saliency method on one correctly classified test case: every map lies in [0, 1]
+    on the input's grid with its peak at 1; the decision map (the default) lies on the predicted organ, where the
+    head pooled; HiResCAM puts more of its mass in the dilated lesion than Grad-CAM. An unknown method is a
+    one-line InputError."""
     import torch
     from scipy.ndimage import binary_dilation
     from multitask_nnunet.errors import InputError
@@ -260,7 +261,7 @@ def test_both_saliency_methods_in_process(trained):
     torch.set_num_threads(int(trained.env["OMP_NUM_THREADS"]))
     try:
         shares = {}
-        for method in ("hirescam", "gradcam"):
+        for method in ("decision", "hirescam", "gradcam"):
             predictor = CasePredictor(trained.results, PredictorOptions(device="cpu", saliency=True,
                                                                         saliency_method=method))
             result = predictor.predict_case([str(image)])
@@ -268,8 +269,11 @@ def test_both_saliency_methods_in_process(trained):
             assert result.saliency.shape == result.segmentation.shape and result.saliency.dtype == np.float32
             assert result.saliency.min() >= 0 and result.saliency.max() == pytest.approx(1.0)
             shares[method] = float(result.saliency[dilated].sum() / result.saliency.sum())
+            if method == "decision":  # the head's own pooling maps: nothing away from the predicted organ
+                organ = binary_dilation(result.segmentation > 0, iterations=3)
+                assert float(result.saliency[~organ].sum()) < 0.01 * float(result.saliency.sum())
     finally:
         torch.set_num_threads(threads)
     assert shares["hirescam"] > shares["gradcam"], shares
-    with pytest.raises(InputError, match="--saliency-method nope: choose one of gradcam, hirescam"):
+    with pytest.raises(InputError, match="--saliency-method nope: choose one of decision, gradcam, hirescam"):
         PredictorOptions(saliency=True, saliency_method="nope")

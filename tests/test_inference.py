@@ -404,7 +404,7 @@ def test_one_case_api_matches_the_batch_command(trained, test_prediction, case_p
     checkpoint = torch.load(trained.fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert case_predictor.class_names == checkpoint["classification_head"]["class_names"]
     assert read_csv(test_prediction / "class_probabilities.csv")[0][2:] == \
-        [f"prob_{c}" for c in case_predictor.class_names] + ["entropy", "confidence"]
+        [f"prob_{c}" for c in case_predictor.class_names] + ["entropy", "confidence", "guide_ml", "no_guide"]
     classes = {r[0]: int(r[1]) for r in read_csv(test_prediction / "subtype_results.csv")[1:]}
     probs = probabilities(test_prediction)
     for image_path in sorted((trained.source / "test").glob("*_0000.nii.gz")):
@@ -541,9 +541,9 @@ def test_unwritten_results_are_bounded(tmp_path):
     with ThreadPoolExecutor(1) as writer:
         for i in range(MAX_PENDING_WRITES + 3):
             case = SimpleNamespace(name=f"c{i}", output_name=f"c{i}.nii.gz")
-            result = SimpleNamespace(probabilities=np.array([0.3, 0.7]), uncertainty={}, path="whole", fallback=None,
-                                     class_index=1, class_name="b", shape=(1, 1, 1), preprocessed_shape=(1, 1, 1),
-                                     timings={})
+            result = SimpleNamespace(probabilities=np.array([0.3, 0.7]), uncertainty={}, guide={}, path="whole",
+                                     fallback=None, class_index=1, class_name="b", shape=(1, 1, 1),
+                                     preprocessed_shape=(1, 1, 1), timings={})
             writing.append((case, result, writer.submit(slow_write)))
             _collect_writes(writing, rows, report, breakdown, keep=MAX_PENDING_WRITES)
             assert len(writing) <= MAX_PENDING_WRITES

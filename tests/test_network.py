@@ -1,11 +1,13 @@
 """MultitaskUNet on the networks nnU-Net builds: one encoder pass, nnU-Net-compatible forward and weights,
 gradient isolation between the phases, and the head registry."""
 import json
+import math
 
 import pytest
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+from multitask_nnunet.errors import InputError
 from multitask_nnunet.heads import HEADS, SegGuidedHead, build_head, head_spec_from_checkpoint, plan_head
 from multitask_nnunet.network import MultitaskUNet, split_state_dict
 
@@ -91,11 +93,15 @@ def test_gap_head_follows_the_reference_design():
 def test_seg_guided_head_pools_stages_one_on_plus_bottleneck():
     head = multitask("PlainConvUNet", 3).classification_head
     assert head.pool_stages == [1, 2]
-    assert head.mlp[0].normalized_shape == (8 + 16 + 16,)  # stages 1 and 2, plus the bottleneck's global average
+    # stages 1 and 2 by the guide and by the organ, the bottleneck's global average, 4 + 6 descriptors (1 channel)
+    assert head.mlp[0].normalized_shape == (2 * (8 + 16) + 16 + 10,)
+    plain = multitask("PlainConvUNet", 3, context=False, descriptors=False).classification_head
+    assert plain.mlp[0].normalized_shape == (8 + 16 + 16,)
 
 
 @pytest.mark.parametrize("head_class,head_kwargs", [(name, {}) for name in sorted(HEADS)] +
-                         [("SegGuidedHead", {"attention": True})])
+                         [("SegGuidedHead", {"attention": False, "context": False,
+                                                               "descriptors": False})])
 @pytest.mark.parametrize("arch,dim", ARCHS)
 def test_gradient_isolation(arch, dim, head_class, head_kwargs):
     """Warm-up and phase 1 (detached features): the classification loss sends exactly zero gradient into the
@@ -117,37 +123,6 @@ def test_gradient_isolation(arch, dim, head_class, head_kwargs):
         assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.decoder.parameters()
                    if id(p) not in encoder_ids)
         assert sum(float(p.grad.abs().sum()) for p in model.classification_head.parameters()) > 0
-
-
-@pytest.mark.parametrize("arch,dim", ARCHS)
-def test_decoder_pooling_head_gets_the_decoders_own_features(arch, dim):
-    """``pool_decoder_stages``: the head pools nnU-Net's decoder outputs at those resolutions (kept by hooks
-    from the same pass, not a second decoder run); detached in the head-only phases, and in the joint phase its
-    loss reaches the decoder. Nothing is held between passes, and the forward stays nnU-Net's."""
-    model = multitask(arch, dim, pool_stages=[], pool_decoder_stages=[0, 1])
-    head = model.classification_head
-    assert head.decoder_stages == [0, 1] and head.mlp[0].normalized_shape == (4 + 8 + 16,)
-    seen = {}
-    for i, stage in enumerate(model.decoder.stages):  # stage i outputs at encoder stage 1 - i here
-        stage.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(1 - i, out))
-    pooled = []
-    head.register_forward_hook(lambda m, args, kwargs, out: pooled.append(kwargs["decoder_features"]),
-                               with_kwargs=True)
-    target = torch.tensor([0, 2])
-    encoder_ids = {id(p) for p in model.encoder.parameters()}
-    for detach in (True, False):
-        model.zero_grad(set_to_none=True)
-        _, logits = model.forward_multitask(batch(dim), detach_features=detach)
-        assert set(pooled[-1]) == {0, 1} and all(torch.equal(pooled[-1][k], seen[k]) for k in (0, 1))
-        assert model._decoder_features == {}
-        torch.nn.functional.cross_entropy(logits, target).backward()
-        decoder_grad = sum(float(p.grad.abs().sum()) for p in model.decoder.parameters()
-                           if id(p) not in encoder_ids and p.grad is not None)
-        assert (decoder_grad > 0) is (not detach)
-    model(batch(dim))  # segmentation only: the hooks keep nothing
-    assert model._decoder_features == {}
-    with pytest.raises(ValueError, match="pool_decoder_stages"):
-        multitask(arch, dim, pool_decoder_stages=[2])
 
 
 def _guided_head(activation="sigmoid", **kwargs) -> SegGuidedHead:
@@ -180,44 +155,6 @@ def test_seg_guided_head_falls_back_when_the_guide_is_empty():
     assert torch.equal(weights[2], torch.ones_like(weights[2]))
     out = head([torch.randn(3, 1, 4, 8, 8), torch.randn(3, 1, 2, 4, 4)], logits)
     assert torch.isfinite(out).all()
-
-
-def test_seg_guided_head_top_fraction_pools_the_most_likely_voxels_of_an_empty_guide():
-    """With ``guide_top_fraction``, a case whose guide is predicted empty pools the top-ranked tenth of its
-    predicted foreground by guide probability (exactly ceil(0.1 n) voxels, where the guide ranks highest), not
-    the whole foreground; a predicted guide and an empty foreground behave as without it."""
-    head = _guided_head(guide_top_fraction=0.1)
-    logits = torch.full((3, 2, 4, 8, 8), -30.0)
-    logits[:2, 0, :, :, :4] = 30.0             # cases 0, 1: foreground of 128 voxels
-    logits[:2, 1] = -5.0                       # guide below 0.5 everywhere, flat (ties) ...
-    logits[:2, 1, 1, 1, 1:4] = -1.0            # ... ranked highest on 3 foreground voxels
-    logits[1, 1, 2, 2, 2:4] = 2.0              # case 1: the guide is predicted (2 voxels)
-    weights = head.pooling_weights(logits)     # case 2: nothing predicted at all
-    assert int((weights[0] > 0).sum()) == 13   # ceil(0.1 * 128), not the 125 tied voxels
-    assert bool((weights[0, 0, 1, 1, 1:4] > 0).all()) and float(weights[0, 0, :, :, 4:].sum()) == 0
-    torch.testing.assert_close(weights[1:], _guided_head().pooling_weights(logits)[1:])
-    assert torch.equal(weights[2], torch.ones_like(weights[2]))
-    assert torch.isfinite(head([torch.randn(3, 1, 4, 8, 8), torch.randn(3, 1, 2, 4, 4)], logits)).all()
-    with pytest.raises(ValueError, match="guide_top_fraction"):
-        _guided_head(guide_top_fraction=1.5)
-
-
-def test_seg_guided_head_teacher_forcing_pools_over_the_ground_truth():
-    """A case with a ground-truth guide mask pools over it, whatever the prediction says; a case whose mask is
-    empty (no ground truth, the structure outside the patch, or not chosen) keeps the prediction's weights."""
-    head = _guided_head()
-    logits = torch.full((2, 2, 4, 8, 8), -30.0)
-    logits[:, 1, 1, 1, 1:4] = 30.0                 # both cases: the prediction finds 3 voxels
-    target = torch.zeros(2, 1, 4, 8, 8)
-    target[0, 0, 2:4, 4:6, 4:6] = 1                # case 0: ground truth elsewhere, 8 voxels
-    weights = head.pooling_weights(logits, target)
-    assert torch.equal(weights[0], target[0])
-    torch.testing.assert_close(weights[1], head.pooling_weights(logits)[1])
-    features = [torch.zeros(2, 1, 4, 8, 8), torch.zeros(2, 1, 2, 4, 4)]
-    features[0][0, 0, 2:4, 4:6, 4:6] = 7
-    head.eval()
-    with torch.no_grad():  # the pooled feature follows the ground truth: the logits differ from the predicted guide's
-        assert not torch.allclose(head(features, logits, target)[0], head(features, logits)[0])
 
 
 def test_seg_guided_head_attention_learns_where_to_pool_within_the_guide():
@@ -286,12 +223,10 @@ def test_seg_guided_head_keeps_its_training_pooling_weights_for_the_log():
     head = _guided_head()
     logits = torch.full((2, 2, 4, 8, 8), -30.0)
     logits[:, 1, 1, 1, 1:4] = 30.0
-    target = torch.zeros(2, 1, 4, 8, 8)
-    target[0, 0, 2:4, 4:6, 4:6] = 1
     features = [torch.randn(2, 1, 4, 8, 8, requires_grad=True), torch.randn(2, 1, 2, 4, 4)]
     head.train()
-    head(features, logits, target).sum().backward()
-    assert torch.equal(head.last_pooling_weights, head.pooling_weights(logits, target))
+    head(features, logits).sum().backward()
+    assert torch.equal(head.last_pooling_weights, head.pooling_weights(logits))
     assert not head.last_pooling_weights.requires_grad
     assert "last_pooling_weights" not in head.state_dict()
     kept = head.last_pooling_weights
@@ -313,6 +248,90 @@ def test_head_specs_round_trip_and_old_checkpoints_load():
     legacy_entry = {"state_dict": old.state_dict(), "num_classes": 3, "hidden": [128, 64], "dropout": 0.3,
                     "class_names": ["a", "b", "c"]}  # a 0.1.0 checkpoint's classification_head
     build_head(head_spec_from_checkpoint(legacy_entry)).load_state_dict(legacy_entry["state_dict"])
+
+
+def _quiz_like_case():
+    """One case, 1 input channel: an organ (foreground channel 0) of 8x8x8 voxels holding a 2x2x2 guide
+    (channel 1), intensity 1 in the organ, 5 in the guide, 0 outside."""
+    logits = torch.full((1, 2, 8, 16, 16), -30.0)
+    logits[0, 0, 0:8, 4:12, 4:12] = 30.0
+    logits[0, 1, 3:5, 7:9, 7:9] = 30.0
+    image = torch.zeros(1, 1, 8, 16, 16)
+    image[0, 0, 0:8, 4:12, 4:12] = 1.0
+    image[0, 0, 3:5, 7:9, 7:9] = 5.0
+    return logits, image
+
+
+def test_seg_guided_head_descriptors_read_the_predicted_structures():
+    """Volumes in mL (``voxel_ml`` each), the guide's share of the organ, the found flag, and the intensity in the
+    guide, its rim and the organ without it; a missed guide gives volume 0, found 0 and zero guide statistics."""
+    head = _guided_head(descriptors=True, voxel_ml=0.5)
+    logits, image = _quiz_like_case()
+    guide, organ = head.predicted_structures(logits)
+    d = head.describe(image, guide, organ)[0]
+    assert d.shape == (10,)
+    torch.testing.assert_close(d[:4], torch.tensor([math.log1p(8 * 0.5), math.log1p(512 * 0.5), 8 / 512, 1.0]))
+    # guide mean 5, spread 0; rim (2 voxels around it, all inside the organ) mean 1, spread 0; parenchyma 1, 0
+    torch.testing.assert_close(d[4:], torch.tensor([5.0, 0.0, 1.0, 0.0, 1.0, 0.0]))
+    missed = logits.clone()
+    missed[:, 1] = -30.0
+    guide, organ = head.predicted_structures(missed)
+    d = head.describe(image, guide, organ)[0]
+    assert float(d[0]) == 0.0 and float(d[3]) == 0.0 and float(d[4]) == 0.0 and float(d[5]) == 0.0
+    assert float(d[8]) == pytest.approx(1 + 4 * 8 / 512)  # the parenchyma is the whole organ: 504 ones, 8 fives
+
+
+def test_seg_guided_head_context_branch_reads_the_organ_whatever_the_guide():
+    """With ``context``, the organ-weighted mean is pooled beside the guide's: features that change only in the
+    organ outside the guide change the logits, and a missed guide still leaves the organ's features."""
+    torch.manual_seed(0)
+    head = _guided_head(context=True, descriptors=True).eval()
+    logits, image = _quiz_like_case()
+    features = [torch.zeros(1, 1, 8, 16, 16), torch.zeros(1, 1, 4, 8, 8)]
+    features[0][0, 0, 3:5, 7:9, 7:9] = 3.0
+    moved = [f.clone() for f in features]
+    moved[0][0, 0, 0:2, 4:6, 4:6] = 7.0  # organ voxels away from the guide
+    pooled = []
+    head.mlp.register_forward_hook(lambda m, args, out: pooled.append(args[0].detach()))
+    with torch.no_grad():
+        head(features, logits, image), head(moved, logits, image)
+    assert float(pooled[0][0, 0]) == pytest.approx(3.0) and float(pooled[1][0, 0]) == pytest.approx(3.0)  # guide
+    assert float(pooled[1][0, 1]) > float(pooled[0][0, 1])  # the context branch saw the change
+    with pytest.raises(ValueError, match="needs the network's input image"):
+        head(features, logits)
+
+
+def test_seg_guided_head_guide_dropout_pools_some_training_cases_as_if_the_guide_were_missed():
+    """In training, ``guide_dropout`` drops the predicted guide of about that share of the cases (their guide
+    branch pools the organ, as at inference when the lesion is missed); in evaluation nothing is dropped."""
+    torch.manual_seed(0)
+    head = _guided_head(guide_dropout=0.5)
+    logits, image = _quiz_like_case()
+    logits = logits.repeat(200, 1, 1, 1, 1)
+    features = [torch.randn(200, 1, 8, 16, 16), torch.randn(200, 1, 4, 8, 8)]
+    head.train()
+    head(features, logits)
+    pooled_voxels = head.last_pooling_weights.flatten(1).gt(0).sum(1)
+    guided, organ_only = pooled_voxels == 8, pooled_voxels == 512
+    assert bool((guided ^ organ_only).all()) and 60 < int(organ_only.sum()) < 140
+    head.eval()
+    head.keep_pooling_weights = True
+    head(features, logits)
+    assert int((head.last_pooling_weights.flatten(1).gt(0).sum(1) == 8).sum()) == 200
+    with pytest.raises(ValueError, match="guide_dropout"):
+        _guided_head(guide_dropout=1.0)
+
+
+def test_checkpoints_with_retired_head_options_at_their_off_value_still_load():
+    network = build("PlainConvUNet", 3)
+    spec = plan_head("SegGuidedHead", network.encoder.output_channels, 3, LABEL_GUIDE)
+    head = build_head(spec)
+    old = {"class_name": "SegGuidedHead", "kwargs": {**spec["kwargs"], "guide_top_fraction": 0.0,
+                                                      "pool_decoder_stages": []}, "state_dict": head.state_dict()}
+    build_head(head_spec_from_checkpoint(old)).load_state_dict(old["state_dict"])
+    old["kwargs"]["guide_top_fraction"] = 0.1
+    with pytest.raises(InputError, match="guide_top_fraction=0.1"):
+        head_spec_from_checkpoint(old)
 
 
 def test_divisibility_is_product_of_strides():

@@ -1,4 +1,5 @@
-"""``multitask-nnunet make-synthetic``: layout, determinism and refusal to overwrite, through the real CLI."""
+"""``multitask-nnunet make-synthetic``: layout, determinism and refusal to overwrite, through the real CLI; the
+hard difficulty's size spread, truth features and oracle."""
 import csv
 import hashlib
 import subprocess
@@ -8,6 +9,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from cli import ours, run
+from multitask_nnunet.conversion import synthetic
+from multitask_nnunet.nifti import read_label_map
 
 
 
@@ -24,7 +27,8 @@ def hashes(folder: Path) -> dict:
 def test_layout_and_content(tmp_path):
     out = tmp_path / "data"
     assert make_synthetic(out, "--seed", "1").returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == ["test", "test_labels", "train", "validation"]
+    assert sorted(p.name for p in out.iterdir()) == ["test", "test_labels", "train", "truth_features.csv",
+                                                     "validation"]
     for split, count in (("train", 4), ("validation", 2)):
         assert sorted(p.name for p in (out / split).iterdir()) == ["subtype0", "subtype1"]
         for k in (0, 1):
@@ -119,3 +123,92 @@ def test_quiz_sizes_geometry(tmp_path):
         assert 0.6 <= (labels > 0).sum() / (0.05 * 44 * 100 * 120) <= 1.4, path.name
         assert (labels == 2).sum() > 0
     assert len(set(shapes)) == 3
+
+
+def content_digest(folder: Path, leave_out=(synthetic.TRUTH_FEATURES_CSV,)) -> str:
+    """One digest of a dataset's content: voxel values, dtypes and grids of the images and masks (not their gzip
+    bytes, which depend on the zlib build) and the other files' bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in leave_out):
+        digest.update(str(path.relative_to(folder)).encode())
+        if path.name.endswith(".nii.gz"):
+            image = sitk.ReadImage(str(path))
+            values = sitk.GetArrayFromImage(image)
+            digest.update(repr((values.dtype.str, values.shape, image.GetSpacing(), image.GetOrigin(),
+                                image.GetDirection())).encode())
+            digest.update(np.ascontiguousarray(values).tobytes())
+        else:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_easy_content_unchanged(tmp_path):
+    """The default difficulty (easy) writes what it always wrote: the demo and the tests rely on it."""
+    assert make_synthetic(tmp_path / "demo", "--seed", "5", "--difficulty", "easy").returncode == 0
+    assert content_digest(tmp_path / "demo") == "50b0f42cb578ffc6056e71dddf1e89c0d1962c600b60df6add8cca372c3eb585"
+    run(ours("make-synthetic", "-o", tmp_path / "quiz", "--geometry", "quiz", "--cases", "3", "--validation-cases",
+             "0", "--test-cases", "1", "--seed", "4"), {})
+    assert content_digest(tmp_path / "quiz") == "0df00d08df7a3b2f2cb8e776a58dca93754cd9cea92b76841136d06891bc4f78"
+
+
+def test_hard_lesion_share_spread():
+    """Hard lesion sizes: log-normal share of the crop with the quiz's median per class and about 7% of the
+    cases under 0.05% of the crop; K classes interpolate the medians."""
+    rng = np.random.default_rng(0)
+    shares = np.array([[synthetic.draw_hard_case(rng, k, 3).lesion_share for k in range(3)] for _ in range(20000)])
+    assert np.allclose(np.median(shares, axis=0), [0.0038, 0.0053, 0.0068], rtol=0.05)
+    assert 0.06 <= (shares < 0.0005).mean() <= 0.08
+    assert (shares > 0.02).mean() > 0.1                                # a long tail, clipped to the pancreas later
+    assert [synthetic.lesion_share_median(k, 2) for k in range(2)] == [0.0038, 0.0068]
+    assert np.allclose([synthetic.lesion_share_median(k, 4) for k in range(4)], [0.0038, 0.0048, 0.0058, 0.0068])
+
+
+def test_hard_truth_features_match_masks(tmp_path):
+    """--difficulty hard: quiz layout and mask artifacts as easy, the same bytes for the same seed, and
+    truth_features.csv holds every case of every split, as measured on its mask and image."""
+    def make(out):
+        return run(ours("make-synthetic", "-o", out, "--geometry", "quiz", "--difficulty", "hard", "--cases", "6",
+                        "--validation-cases", "3", "--test-cases", "3", "--seed", "2"), {}, check=False)
+    out = tmp_path / "data"
+    for folder in (out, tmp_path / "again"):
+        assert make(folder).returncode == 0
+    assert hashes(out) == hashes(tmp_path / "again")
+
+    rows = synthetic.read_truth_features(out / synthetic.TRUTH_FEATURES_CSV)
+    assert sorted((r["split"], r["Subtype"]) for r in rows) == sorted(
+        [("train", k) for k in (0, 0, 1, 1, 2, 2)] + [(s, k) for s in ("validation", "test") for k in (0, 1, 2)])
+    assert len({r["Names"] for r in rows}) == 12
+    ml_per_voxel = 0.75 * 0.75 * 2.0 / 1000
+    for row in rows:
+        folder = out / synthetic.TEST_LABELS if row["split"] == "test" else \
+            out / row["split"] / f"subtype{row['Subtype']}"
+        mask_path = folder / row["Names"]
+        image_path = (out / "test" if row["split"] == "test" else folder) / row["Names"].replace(".nii.gz",
+                                                                                              "_0000.nii.gz")
+        if row["split"] != "test":                                       # float masks with the quiz's artifacts
+            values = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path)))
+            assert values.dtype == np.float32 and np.abs(values - np.rint(values)).max() > 1e-6
+        labels = read_label_map(mask_path)
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(image_path))).astype(float)
+        lesion = labels == 2
+        assert lesion.sum() >= 7
+        assert np.isclose(row["lesion_ml"], lesion.sum() * ml_per_voxel, atol=1e-6)
+        assert np.isclose(row["pancreas_ml"], (labels > 0).sum() * ml_per_voxel, atol=1e-6)
+        assert np.isclose(row["lesion_share_of_pancreas"], lesion.sum() / (labels > 0).sum(), atol=1e-6)
+        assert np.isclose(row["lesion_mean_hu"], image[lesion].mean(), atol=1e-5)
+        assert np.isclose(row["parenchyma_mean_hu"], image[labels == 1].mean(), atol=1e-5)
+        assert row["lesion_share_of_pancreas"] <= synthetic.HARD_MAX_SHARE_OF_PANCREAS + 0.02
+        assert not np.isnan([row[f] for f in synthetic.TRUTH_FEATURES]).any()
+
+
+def test_hard_oracle_between_chance_and_one():
+    """The truth features of hard quiz cases tell the class often but not always: a logistic regression trained
+    on 150 cases scores a macro-F1 on 150 others well above chance (1/3) and below 1; the volumes alone much
+    less. Cases drawn as make-synthetic draws them, without writing them."""
+    rng = np.random.default_rng(11)
+    rows = [{"Subtype": int(k), **synthetic.truth_features(*synthetic.make_case(rng, int(k), 3, "quiz", "hard"))}
+            for k in rng.permutation(np.arange(300) % 3)]
+    full = synthetic.oracle_macro_f1(rows[:150], rows[150:])
+    volumes = synthetic.oracle_macro_f1(rows[:150], rows[150:], synthetic.VOLUME_FEATURES)
+    assert 0.7 <= full <= 0.95, full
+    assert volumes < full - 0.2, (volumes, full)

@@ -241,43 +241,94 @@ def test_training_with_class_only_cases(class_only, class_only_trained):
     assert (fold0 / "validation" / "summary.json").is_file()
 
 
-GUIDE_TARGET_SCRIPT = """
+def test_a_head_registered_outside_the_package_trains_and_predicts(preprocessed, tmp_path):
+    """A head of the user's own (tests/trainers/toy_head_trainers.py: one file, one ``register_head``) trains
+    through stock nnUNetv2_train and is rebuilt by ``multitask-nnunet predict`` from the checkpoint's spec."""
+    trainer = "MultitasknnUNetTrainer_TestToyHead"
+    model_dir = train_short(preprocessed, trainer)
+    checkpoint = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["classification_head"]["class_name"] == "ToyHead"
+    assert set(checkpoint["classification_head"]["state_dict"]) == {"linear.weight", "linear.bias"}
+    images = tmp_path / "in"
+    images.mkdir()
+    for p in sorted((preprocessed.source / "test").glob("*_0000.nii.gz"))[:2]:
+        shutil.copy(p, images / p.name)
+    run(ours("predict", "-i", images, "-o", tmp_path / "out", "-m", model_dir, "-f", "0", "--device", "cpu"),
+        preprocessed.env)
+    rows = read_csv(tmp_path / "out" / "class_probabilities.csv")
+    assert len(rows) == 2 and "guide_ml" not in rows[0]  # a head without a guide has no guide columns
+
+
+@pytest.mark.parametrize("num_epochs,curriculum", [(1, (0, 0)), (2, (1, 1)), (3, (1, 2)), (4, (1, 2)), (12, (1, 6)),
+                                                    (100, (5, 50)), (250, (13, 125)), (1000, (50, 500))])
+def test_curriculum_scales_with_num_epochs(num_epochs, curriculum):
+    """The default fractions (5% segmentation only, the head on detached features until half) resolved for a
+    schedule: at least one epoch per phase where the schedule allows, the joint phase always reached."""
+    from multitask_nnunet.training.trainer import resolve_curriculum
+    resolved = resolve_curriculum(num_epochs)
+    assert (resolved.seg_warmup_epochs, resolved.phase1_epochs) == curriculum
+    assert resolved.phase1_epochs < num_epochs and resolved.head_warmup_epochs >= 1
+
+
+def test_impossible_curricula_are_refused_naming_the_values():
+    from multitask_nnunet.training.trainer import CurriculumError, resolve_curriculum
+    for kwargs, message in ((dict(seg_warmup_epochs=8), "seg_warmup_epochs=8, phase1_epochs=8: the classification "
+                                                        "head is never trained"),
+                            (dict(seg_warmup_epochs=3, phase1_epochs=2), "phases out of order"),
+                            (dict(phase1_epochs=500), "phase1_epochs=500: the joint phase never comes"),
+                            (dict(seg_warmup_fraction=0.6), "need 0 <= seg_warmup_fraction <= phase1_fraction < 1")):
+        with pytest.raises(CurriculumError, match=message):
+            resolve_curriculum(8, **kwargs)
+    # explicit epochs still override the fractions
+    assert resolve_curriculum(100, seg_warmup_epochs=10, phase1_epochs=20)[:2] == (10, 20)
+
+
+RESOLVED_SCRIPT = """
 import json, sys, torch
 from nnunetv2.run.run_training import get_trainer_from_args
 trainer = get_trainer_from_args(sys.argv[1], sys.argv[2], 0, sys.argv[3], sys.argv[4], device=torch.device('cpu'))
-trainer.initialize()
-loader, _ = trainer.get_dataloaders()
-batch = next(loader)
-target = batch['target']
-out = {}
-trainer.current_epoch = 0
-out['phase0_none'] = trainer._guide_target(trainer._guide_mask(target)) is None
-trainer.current_epoch = trainer.seg_warmup_epochs
-out['off_by_default'] = trainer._guide_target(trainer._guide_mask(target)) is None
-trainer.phase1_teacher_forcing = 1.0
-guide = trainer._guide_target(trainer._guide_mask(target))
-lesion = target[0][:, 1:2].float()  # regions (1, 2) and (2,): channel 1 is the lesion
-out['equal'] = bool(torch.equal(guide, (lesion > 0).float()))
-out['voxels'] = float(guide.sum())
-out['shape_ok'] = guide.shape[2:] == target[0].shape[2:] and guide.shape[1] == 1
-_, logits = trainer.network(batch['data'], return_classification=True, detach_features=True, guide_target=guide)
-out['finite'] = bool(torch.isfinite(logits).all())
-print(json.dumps(out))
+print(json.dumps(trainer.resolve_curriculum()._asdict()))
 """
 
 
-def test_teacher_forcing_guide_is_the_lesion_ground_truth(preprocessed):
-    """With ``phase1_teacher_forcing = 1`` the guide target handed to SegGuidedHead in phase 1 is exactly the
-    lesion region of nnU-Net's own training batch (after augmentation and region conversion); none in the
-    segmentation warm-up, and none by default."""
+def test_a_subclass_that_sets_only_num_epochs_trains_the_head_through_all_three_phases(preprocessed):
+    """A user's subclass that sets only ``num_epochs`` (4 and 12; tests/trainers), trained by stock
+    nnUNetv2_train: the curriculum is resolved for its schedule, logged, and the head's optimizer steps in every
+    epoch from the end of the warm-up on; the shipped 100-epoch variant resolves 5 and 50 epochs."""
     import json
     import sys
-    env = {**preprocessed.env, "nnUNet_n_proc_DA": "0"}
-    result = run([sys.executable, "-c", GUIDE_TARGET_SCRIPT, str(DATASET_ID), CONFIG, TRAINER, PLANS], env)
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out == {**out, "phase0_none": True, "off_by_default": True, "equal": True, "shape_ok": True,
-                   "finite": True}, out
-    assert out["voxels"] > 0  # nnU-Net oversamples foreground: the batch holds lesion voxels
+    trainers = {"MultitasknnUNetTrainer_TestEpochs4": (4, 3, "segmentation only in epochs 0, the head on detached "
+                                                             "features in epochs 1, joint training in epochs 2-3"),
+                "MultitasknnUNetTrainer_TestEpochs12": (12, 2, "segmentation only in epochs 0, the head on detached "
+                                                               "features in epochs 1-5, joint training in epochs 6-11")}
+    run_at_once([nnunet("nnUNetv2_train", DATASET_ID, CONFIG, "0", "-tr", t, "-p", PLANS, "-device", "cpu")
+                 for t in trainers], preprocessed.env, timeout=1800)
+    for trainer, (epochs, iterations, phases) in trainers.items():
+        fold0 = Path(preprocessed.env["nnUNet_results"]) / "Dataset501_Synth" / f"{trainer}__{PLANS}__{CONFIG}" / \
+            "fold_0"
+        log = "".join(p.read_text() for p in fold0.glob("training_log_*.txt"))
+        assert f"Curriculum for {epochs} epochs: {phases}" in log, trainer
+        for phase in ("Phase 0: segmentation warm-up", "Phase 1: classification head on detached encoder features",
+                      "Phase 2: joint training"):
+            assert phase in log, (trainer, phase)
+        checkpoint = torch.load(fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        steps = {int(s["step"]) for s in checkpoint["head_optimizer_state"]["state"].values()}
+        assert steps == {(epochs - 1) * iterations}, (trainer, steps)  # every epoch but the warm-up's
+        assert (fold0 / "validation" / "classification_summary.json").is_file()
+    result = run([sys.executable, "-c", RESOLVED_SCRIPT, str(DATASET_ID), CONFIG, "MultitasknnUNetTrainer_100epochs",
+                  PLANS], preprocessed.env)
+    resolved = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (resolved["seg_warmup_epochs"], resolved["phase1_epochs"]) == (5, 50)
+
+
+def test_an_impossible_schedule_is_refused_at_start_in_one_line(preprocessed):
+    result = run(nnunet("nnUNetv2_train", DATASET_ID, CONFIG, "0", "-tr", "MultitasknnUNetTrainer_TestJointNeverComes",
+                        "-p", PLANS, "-device", "cpu"), preprocessed.env, check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == ("MultitasknnUNetTrainer_TestJointNeverComes: num_epochs=4, seg_warmup_epochs=1, phase1_epochs=50: "
+                    "the joint phase never comes (need phase1_epochs < num_epochs)"), result.stderr[-2000:]
 
 
 def test_gather_under_gloo_equals_one_process(preprocessed, tmp_path):

@@ -12,8 +12,9 @@ Cases without a mask are refused unless ``--allow-missing-masks``: then they are
 with an all-``ignore`` label map and dataset.json gets an ``"ignore"`` label.
 
 Nothing is written on bad input: the dataset is built in a hidden folder inside ``$nnUNet_raw`` (its splits in
-one inside ``$nnUNet_preprocessed``) and renamed at the end; both folders must be writable. What a killed run
-left (hidden staging folders) is removed by the next run. ``--overwrite`` replaces any dataset with the same id once the new one is complete, and deletes
+one inside ``$nnUNet_preprocessed``) and renamed at the end; both folders must be writable. A write that fails
+there (a full, read-only or not writable file system) is one line naming the file by its final path. What a
+killed run left (hidden staging folders) is removed by the next run. ``--overwrite`` replaces any dataset with the same id once the new one is complete, and deletes
 its preprocessed folder, which was derived from the old data (rerun ``nnUNetv2_plan_and_preprocess``).
 """
 import argparse
@@ -31,8 +32,9 @@ from multitask_nnunet.conversion.label_spec import DEFAULT_LABELS, IGNORE, Label
 from multitask_nnunet.conversion.layout import ENDING, SourceCase, SourceDataset, scan_dataset
 from multitask_nnunet.conversion.masks import ignore_label_map, integer_label_map, write_label_map
 from multitask_nnunet.conversion.splits import SPLITS_FILE, original_split, stratified_folds, write_splits
-from multitask_nnunet.conversion.staging import remove_leftover_staging, staged_folder
-from multitask_nnunet.errors import InputError
+from multitask_nnunet.conversion.staging import (final_path, in_staged_folder, remove_leftover_staging,
+                                                staged_folder)
+from multitask_nnunet.errors import InputError, WriteError, write_failure
 from multitask_nnunet.nifti import check_same_grid, read_geometry
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -74,10 +76,8 @@ def convert_dataset(input_dir, dataset_id: int, name: str, *, labels: LabelSpec 
             write_splits(splits, staged / SPLITS_FILE)
             with staged_folder(preprocessed / dataset_name, replaces=old_preprocessed) as staged_preprocessed:
                 write_splits(splits, staged_preprocessed / SPLITS_FILE)
-    except OSError as e:  # e.g. the disk is full: nothing was swapped in
-        if e.filename is None:
-            raise
-        raise InputError(f"{e.filename}: {e.strerror}; nothing was written") from None
+    except (OSError, WriteError) as e:  # e.g. the disk is full: nothing was swapped in
+        raise _failure(e, target) from None
 
     print(f"{dataset_name}: {len(source.cases)} training cases ({len(source.split_cases('train'))} train, "
           f"{len(source.split_cases('validation'))} validation), {len(source.test_images)} test images, "
@@ -86,6 +86,23 @@ def convert_dataset(input_dir, dataset_id: int, name: str, *, labels: LabelSpec 
         print(f"{len(unmasked)} case(s) without a mask: kept for classification, label map all "
               f"'{IGNORE}' ({spec.labels[IGNORE]})")
     return target
+
+
+def _failure(error: Exception, target: Path) -> Exception:
+    """The one-line error for a failure while the dataset was written (nothing was swapped in). A destination at
+    fault (full, read-only, not writable) is named by its final path: the file being written (``copyfile`` names
+    its source first and the destination second), else the dataset folder; another file's error names that."""
+    note = "nothing was written"
+    if isinstance(error, WriteError):
+        return WriteError(final_path(error.path), error.reason, error.errno, note)
+    paths = [p for p in (error.filename2, error.filename) if isinstance(p, (str, os.PathLike))]
+    destination = next((p for p in paths if in_staged_folder(p)), None if paths else target)
+    failure = write_failure(error, final_path(destination)) if destination is not None else None
+    if failure is not None:
+        return failure.with_note(note)
+    if not paths:
+        return error
+    return InputError(f"{paths[-1]}: {error.strerror}; {note}")
 
 
 def _nnunet_folder(variable: str) -> Path:

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from multitask_nnunet.atomic import atomic_path
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.nifti import Geometry, read_label_map
 
@@ -38,7 +39,11 @@ def ignore_label_map(geometry: Geometry, ignore: int) -> sitk.Image:
 
 
 def write_label_map(label_map: sitk.Image, path: Path) -> None:
-    sitk.WriteImage(label_map, str(path), useCompression=True)
+    """Written atomically: SimpleITK's writer leaves a cut-off file on a full disk without an error, which
+    ``atomic_path`` turns into a ``WriteError`` (the file checked before it gets its name)."""
+    ending = ".nii.gz" if str(path).endswith(".nii.gz") else Path(path).suffix
+    with atomic_path(str(path), suffix=ending) as tmp:
+        sitk.WriteImage(label_map, tmp, useCompression=True)
 
 
 def _label_image(values: np.ndarray, max_label: int, grid) -> sitk.Image:

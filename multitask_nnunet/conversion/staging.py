@@ -47,6 +47,18 @@ def staged_folder(target: Path, replaces: Sequence[Path] = ()) -> Iterator[Path]
             shutil.rmtree(staged)
 
 
+def final_path(path) -> Path:
+    """Where a path inside a staged folder ends up once the folder is swapped in (``.NAME.tmp-...`` -> ``NAME``),
+    for messages about what could not be written; other paths as they are."""
+    parts = [match["name"] if (match := _HIDDEN.fullmatch(part)) and match["kind"] == STAGED else part
+             for part in Path(path).parts]
+    return Path(*parts)
+
+
+def in_staged_folder(path) -> bool:
+    return final_path(path) != Path(path)
+
+
 def remove_leftover_staging(parent: Path) -> List[str]:
     """Clean up after ``staged_folder`` calls in ``parent`` whose process is gone (killed): staged folders are
     removed, and so are folders moved aside, unless the process died between moving them aside and renaming its

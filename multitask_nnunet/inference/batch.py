@@ -22,6 +22,10 @@ folder needs:
   skips the finished cases) merges as well;
 - bad input raises ``InputError`` naming the file; with ``--continue-on-error`` the other cases are still
   predicted, every failure is reported at the end, one line each, and the exit status is 1;
+- an output that cannot be written (a full, over-quota, read-only or not writable OUT_DIR) stops the run, with
+  ``--continue-on-error`` too (every later case would fail alike): a ``WriteError`` naming the file and saying
+  how many cases are done, one line. Every file under its final name is complete (atomic.py checks NIfTI files
+  before the rename: SimpleITK's writer does not report a full disk), so a rerun resumes with the rest;
 - every run ends with the time breakdown (start-up, model load, read, preprocess, network, export, write;
   timing.py explains what adds up to the wall time); ``--profile FILE`` writes it per case as JSON.
 
@@ -43,7 +47,8 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from tqdm import tqdm
 
 from multitask_nnunet.atomic import remove_leftover_temporaries
-from multitask_nnunet.errors import InputError
+from multitask_nnunet.class_csv import PROBABILITIES_CSV
+from multitask_nnunet.errors import InputError, WriteError, write_failure
 from multitask_nnunet.inference.cases import InputCase, is_done, list_cases, part_of
 from multitask_nnunet.inference.class_rows import PARTS_FOLDER, ClassRows, known_extra_columns, known_rows
 from multitask_nnunet.inference.model_folder import DEFAULT_PLANS, DEFAULT_TRAINER, resolve_model_folder
@@ -75,7 +80,8 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
     """Predict every case of ``input_dir`` (nnU-Net channel naming) into ``output_dir``; see the module
     docstring and ``BatchOptions``. ``breakdown``: where the times go; the CLI's starts at the process start,
     the default at this call. Raises ``InputError`` on the first bad case unless ``options.continue_on_error``,
-    in which case failures are in the report."""
+    in which case failures are in the report; ``WriteError`` (always) on the first output that cannot be
+    written, its message saying how many cases are done."""
     breakdown = breakdown or Breakdown()
     if options.workers < 1:
         raise InputError(f"--workers {options.workers}: need at least 1")
@@ -89,7 +95,13 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
     if report.failed and not options.continue_on_error:
         raise InputError(report.failed[min(report.failed)])
 
-    os.makedirs(output_dir, exist_ok=True)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        failure = write_failure(e, output_dir)
+        if failure is None:
+            raise
+        raise failure.with_note(_progress_note(report, len(cases), failure)) from None
     _remove_leftovers(output_dir)
     done = _done_check(output_dir, options)
     todo = cases if options.overwrite else [c for c in cases if not done(c)]
@@ -107,12 +119,15 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
 
     sharded = options.num_parts > 1
     rows = ClassRows(output_dir, class_names, options.part_id if sharded else None, [c.output_name for c in cases])
-    if todo:
-        _predict_cases(todo, output_dir, model_dir, rows, report, options, breakdown, loaded)
-    else:
-        breakdown.mark(STARTUP, breakdown.start)
-    with breakdown.stage(WRITE):
-        _merge(all_cases, output_dir, rows, report, options)
+    try:
+        if todo:
+            _predict_cases(todo, output_dir, model_dir, rows, report, options, breakdown, loaded)
+        else:
+            breakdown.mark(STARTUP, breakdown.start)
+        with breakdown.stage(WRITE):
+            _merge(all_cases, output_dir, rows, report, options)
+    except WriteError as e:
+        raise e.with_note(_progress_note(report, len(cases), e)) from None
     report.seconds = breakdown.finish()
     report.timing = breakdown.summary()
     if report.predicted:
@@ -125,6 +140,16 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
                                                   "device": str(loaded[0].device) if loaded else None,
                                                   "options": asdict(options)})
     return report
+
+
+def _progress_note(report: PredictionReport, total: int, error: WriteError) -> str:
+    """What a write failure adds to its line: how many cases are done (mask, extra outputs and CSV rows on disk),
+    and that a rerun resumes."""
+    done = len(report.skipped) + len(report.predicted)
+    failed = f", {len(report.failed)} failed" if report.failed else ""
+    when = " once there is room" if error.no_room else ""
+    rest = f"resume with the other {total - done}" if done < total else "finish"
+    return f"{done} of {total} case(s) done{failed}; rerun the same command{when} to {rest}"
 
 
 def _remove_leftovers(output_dir: str) -> None:
@@ -256,27 +281,54 @@ def _case_line(result) -> str:
     fallback = f": {result.fallback}" if result.fallback else ""
     return (f"{result.name}: {result.path}{fallback}, class {result.class_index} ({result.class_name}); "
             f"read {t['read']:.2f} s, preprocess {t['preprocess']:.2f} s, network {t['network']:.2f} s, "
-            f"export {t['export']:.2f} s")
+            f"export {t['export']:.2f} s" + _guide_text(result))
+
+
+def _guide_text(result) -> str:
+    if not result.guide:
+        return ""
+    if result.guide["no_guide"]:
+        return "; no guide structure predicted: the class rests on the organ alone"
+    return f"; guide {result.guide['guide_ml']:.2f} mL"
 
 
 def _collect_writes(writing: Deque, rows: ClassRows, report: PredictionReport, breakdown: Breakdown,
                     keep: int) -> None:
     """Record the cases whose mask is written, in order: the class row only goes in after the mask. Waits for
     the oldest writes until at most ``keep`` are pending, so finished results (full-size masks, maps) cannot
-    pile up in memory when writing is slower than the network."""
+    pile up in memory when writing is slower than the network. A write that fails (``WriteError``: the mask or
+    the CSVs) drops the cases still pending, unrecorded (a rerun predicts them), and is raised."""
     while writing and (len(writing) > keep or writing[0][2].done()):
         case, result, future = writing.popleft()
-        write_seconds = future.result()
+        try:
+            write_seconds = future.result()
+            extra = {**{k: v for k, v in result.uncertainty.items() if k == "mutual_information"}, **result.guide}
+            rows.add(case.output_name, result.probabilities, extra)
+        except WriteError:
+            _drop_writes(writing)
+            raise
         breakdown.worked(WRITE, write_seconds)
-        extra = {k: v for k, v in result.uncertainty.items() if k == "mutual_information"}
-        rows.add(case.output_name, result.probabilities, extra)
         report.predicted.append(case.name)
+        if result.guide.get("no_guide"):
+            tqdm.write(f"{case.name}: no guide structure predicted: its class rests on the organ alone "
+                       f"(no_guide = 1 in {PROBABILITIES_CSV})")
         breakdown.add_case({"name": case.name, "path": result.path, "fallback": result.fallback,
                             "class_index": result.class_index, "class_name": result.class_name,
                             "shape": list(result.shape), "preprocessed_shape": list(result.preprocessed_shape),
                             **{f"{stage}_s": round(seconds, 4) for stage, seconds in result.timings.items()},
                             "uncertainty": {k: round(v, 6) for k, v in result.uncertainty.items()},
-                            "write_s": round(write_seconds, 4)})
+                            **result.guide, "write_s": round(write_seconds, 4)})
+
+
+def _drop_writes(writing: Deque) -> None:
+    """Cancel the writes not yet started and wait for the one running (its own failure, most likely the same,
+    is not reported again)."""
+    for _, _, future in writing:
+        future.cancel()
+    for _, _, future in writing:
+        if not future.cancelled():
+            future.exception()
+    writing.clear()
 
 
 def add_parser(subparsers) -> None:
@@ -308,7 +360,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-whole-voxels", type=int, metavar="N",
                    help="auto mode: run volumes of up to N preprocessed voxels in one pass, whatever their shape "
                         "(default: only volumes that fit in the patch on every axis; larger passes drift from "
-                        "the sliding window's result, TechReport 6.0)")
+                        "the sliding window's result)")
     p.add_argument("--device-preprocessing", action=argparse.BooleanOptionalAction, default=None,
                    help="normalise and resample each case on the prediction device with torch, matching nnU-Net's "
                         "CPU preprocessing to float32 rounding (default: on with CUDA, off on CPU)")
@@ -321,8 +373,10 @@ def add_parser(subparsers) -> None:
                    help=f"encoder stage of the saliency map (0 = highest resolution, negative from the end; default "
                         f"{DEFAULT_SALIENCY_STAGE})")
     p.add_argument("--saliency-method", default=DEFAULT_SALIENCY_METHOD, choices=SALIENCY_METHODS,
-                   help=f"hirescam: the gradient times the activation, per voxel; gradcam: Grad-CAM, whose channel "
-                        f"weights are the gradient's mean over the volume (default {DEFAULT_SALIENCY_METHOD})")
+                   help=f"decision: where the guided head pooled (the lesion, the organ), each branch weighted by "
+                        f"its part in the predicted class (a head without a guide: hirescam); hirescam: the "
+                        f"gradient times the activation, per voxel; gradcam: Grad-CAM, whose channel weights are the "
+                        f"gradient's mean over the volume (default {DEFAULT_SALIENCY_METHOD})")
     p.add_argument("--no-calibration", action="store_true",
                    help="do not apply the folds' temperature scaling (fold_X/calibration.json, fitted in final "
                         "validation; models without it are never calibrated)")

@@ -14,7 +14,7 @@ background threads and ``finish`` (network + export) in the main thread, so both
 classes. ``prepare`` needs only the plans: with ``load_network=False`` the network is loaded later by
 ``load_network()``, so that a batch run preprocesses its first cases while the network is being built.
 
-Trust and explanation (issue 11): ``finish`` applies each fold's temperature (``fold_X/calibration.json``,
+Trust and explanation: ``finish`` applies each fold's temperature (``fold_X/calibration.json``,
 multitask_nnunet.calibration) to that fold's class probabilities before the fold average, unless
 ``options.calibration`` is off or a fold has none; ``result.uncertainty`` holds the entropy and confidence of
 the result's probabilities (and the MC-dropout mutual information with ``options.mc_dropout``). With
@@ -37,6 +37,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from multitask_nnunet.calibration import apply_temperature, class_uncertainty, mutual_information, read_temperature
 from multitask_nnunet.errors import InputError
+from multitask_nnunet.heads import guide_labels, guide_summary
 from multitask_nnunet.inference.case_io import CaseIO
 from multitask_nnunet.inference.device_preprocessing import to_device
 from multitask_nnunet.inference.export import (export_configuration, map_in_input_geometry,
@@ -79,11 +80,14 @@ class CaseResult:
     shape: Tuple[int, ...]               # the input's spatial shape
     preprocessed_shape: Tuple[int, ...]  # the network's input shape (spatial)
     timings: Dict[str, float]            # read, preprocess, network, export (s); + saliency, mc_dropout if on
-    # explain and trust the class (issue 11): entropy and confidence always, mutual_information with MC dropout
+    # explain and trust the class: entropy and confidence always, mutual_information with MC dropout
     uncertainty: Dict[str, float] = field(default_factory=dict)
     saliency: Optional[np.ndarray] = None         # HiResCAM/Grad-CAM in [0, 1], float32, like ``segmentation``
     pooling_weights: Optional[np.ndarray] = None  # SegGuidedHead's pooling weights in [0, 1], same (--saliency)
     seg_uncertainty: Optional[np.ndarray] = None  # per-voxel segmentation entropy in [0, 1], same
+    # the predicted guide structure in the mask: guide_ml (mL) and no_guide (1.0: none predicted, so the class
+    # rests on the organ alone); empty for a head without a guide (heads.guide_summary)
+    guide: Dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -143,6 +147,8 @@ class CasePredictor:
                                                                                self.options.checkpoint)
         self.export_configuration = export_configuration(self.predictor.configuration_manager, self.device)
         self.temperatures = self._temperatures() if self.options.calibration else None
+        self.guide_labels = guide_labels(self.predictor.label_manager,
+                                         self.predictor._module().classification_head.guide_channels)
         if self.options.saliency:
             from multitask_nnunet.inference.saliency import resolve_stage
             resolve_stage(len(self.predictor._module().encoder.strides), self.options.saliency_stage)
@@ -262,7 +268,8 @@ class CasePredictor:
             timings[SALIENCY] = time.perf_counter() - t
         return CaseResult(case.name, segmentation, probabilities, index, self.class_names[index],
                           prediction.path, prediction.fallback, case.properties, case.shape,
-                          tuple(case.data.shape[1:]), timings, uncertainty, saliency, pooling, seg_uncertainty)
+                          tuple(case.data.shape[1:]), timings, uncertainty, saliency, pooling, seg_uncertainty,
+                          guide_summary(segmentation, case.properties["spacing"], self.guide_labels))
 
     def _in_input_geometry(self, values: torch.Tensor, case: PreparedCase) -> np.ndarray:
         return map_in_input_geometry(values, case.properties, self.predictor.plans_manager, self.export_configuration)

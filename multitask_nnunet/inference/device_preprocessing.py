@@ -32,10 +32,8 @@ from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPre
 from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from multitask_nnunet.inference.case_io import InferenceConfiguration
+from multitask_nnunet.inference.configuration import DEFAULT_RESAMPLING, TORCH_RESAMPLING, InferenceConfiguration
 
-DEFAULT_RESAMPLING = "resample_data_or_seg_to_shape"
-TORCH_RESAMPLING = "resample_torch_fornnunet"
 TORCH_NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization", "NoNormalization")
 
 

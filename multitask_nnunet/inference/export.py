@@ -15,10 +15,8 @@ import torch
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
+from multitask_nnunet.inference.configuration import DEFAULT_RESAMPLING, TORCH_RESAMPLING
 from multitask_nnunet.nnunet_copies import follows
-
-DEFAULT_RESAMPLING = "resample_data_or_seg_to_shape"
-TORCH_RESAMPLING = "resample_torch_fornnunet"
 
 
 def export_configuration(configuration_manager: ConfigurationManager, device: torch.device) -> ConfigurationManager:

@@ -12,8 +12,8 @@ from multitask_nnunet.errors import InputError
 DEFAULT_WORKERS = max(1, min(3, (os.cpu_count() or 2) - 1))
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 DEFAULT_SALIENCY_STAGE = -2  # the stage before the bottleneck
-SALIENCY_METHODS = ("gradcam", "hirescam")  # saliency.py
-DEFAULT_SALIENCY_METHOD = "hirescam"  # more of its mass in the lesion than Grad-CAM's (TechReport 6.5)
+SALIENCY_METHODS = ("decision", "gradcam", "hirescam")  # saliency.py
+DEFAULT_SALIENCY_METHOD = "decision"  # what the head pooled, weighted by each branch's part in the decision
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class PredictorOptions:
     mode: str = "auto"                                   # auto | whole | sliding
     max_whole_voxels: Optional[int] = None               # auto mode's whole-volume limit (None: the predictor's)
     device_preprocessing: Optional[bool] = None          # normalise and resample on the device (None: on CUDA)
-    # explain and trust the class (issue 11; saliency.py, multitask_nnunet/calibration.py)
+    # explain and trust the class (saliency.py, multitask_nnunet/calibration.py)
     saliency: bool = False                               # a class activation map (+ the guided head's pooling weights)
     saliency_stage: int = DEFAULT_SALIENCY_STAGE         # encoder stage the map is taken at (negative: from the end)
     saliency_method: str = DEFAULT_SALIENCY_METHOD       # one of SALIENCY_METHODS

@@ -47,8 +47,8 @@ MODES = ("auto", "whole", "sliding")
 # auto mode runs a volume in one pass only when it fits in the patch on every axis, where the sliding window
 # would run one tile too (same padding, same result up to float rounding). The network was trained on patches:
 # a whole-volume pass over a larger volume drifts from the sliding window's output, and on crops only 1.1-1.3
-# times the patch it cost lesion Dice in 15 of 20 checkpoints (TechReport 6.0; up to -0.23). ``--max-whole-voxels``
-# opts into larger passes by voxel count.
+# times the patch it cost lesion Dice in 15 of 20 checkpoints (up to -0.23; TechReport, 'Segmentation against stock,
+# and the whole-volume pass'). ``--max-whole-voxels`` opts into larger passes by voxel count.
 # which path a case took: the whole volume in one pass, the sliding window, or a fallback after running out of
 # memory (whole volume -> sliding window, sliding window accumulated on the GPU -> on the CPU)
 WHOLE, SLIDING, FALLBACK = "whole", "sliding", "fallback"

@@ -1,27 +1,28 @@
-"""Where the model looked, and how sure the segmentation is: a class activation map of the predicted class
-(HiResCAM by default, or Grad-CAM), the guided head's pooling weights, and the per-voxel segmentation entropy, all
-on the preprocessed grid (``export.py`` maps them to the input's geometry).
+"""Where the model looked, and how sure the segmentation is: the map of what the head used for its decision
+(by default), a class activation map of the predicted class (HiResCAM or Grad-CAM), the guided head's pooling
+weights, and the per-voxel segmentation entropy, all on the preprocessed grid (``export.py`` maps them to the
+input's geometry).
 
-A class activation map needs gradients, so it runs as a separate forward pass with autograd on, only
-when asked (``predict --saliency``); the prediction itself keeps running under inference mode. The pass is the
-network's own (encoder -> decoder -> head, as ``MultitaskUNet.forward``) on the whole preprocessed volume,
-padded as the whole-volume prediction pads it, without TTA; with several folds each fold's map is computed with
-its weights and the maps are averaged. At encoder stage s with activations A (C, *grid):
+Maps that need gradients run as a separate forward pass with autograd on, only when asked (``predict
+--saliency``); the prediction itself keeps running under inference mode. The pass is the network's own
+(encoder -> decoder -> head, as ``MultitaskUNet.forward``) on the whole preprocessed volume, padded as the
+whole-volume prediction pads it, without TTA; with several folds each fold's map is computed with its weights
+and the maps are averaged.
 
-    HiResCAM:  CAM = ReLU(sum_c (d logit_k / d A_c) * A_c),   k = the predicted class
-               (Draelos & Carin 2020: element-wise, so a voxel counts through the gradient that reaches it),
+- ``decision`` (the default for a head that pools by a guide): the head's own pooling maps, the guide's
+  (attended) and the organ's (context branch), each weighted by its branch's part in the predicted class's
+  logit: ReLU(sum over the branch's pooled features of d logit_k / d feature * feature). It shows what the
+  decision rested on: the lesion, or the organ when the lesion was missed or carries little of the class.
+- at encoder stage s with activations A (C, *grid), k = the predicted class:
+
+    HiResCAM:  CAM = ReLU(sum_c (d logit_k / d A_c) * A_c)   (Draelos & Carin 2020: element-wise),
     Grad-CAM:  CAM = ReLU(sum_c mean_grid(d logit_k / d A_c) * A_c)   (Selvaraju et al. 2017),
 
-upsampled (trilinear) to the preprocessed shape and divided by its maximum (zeros when it is zero everywhere).
-The gradient reaches the stage through everything the head reads from it (its own pooled features and the
-deeper stages); the segmentation logits a head uses as a guide are detached, as in training.
-
-Why HiResCAM is the default: the guided head pools each stage with weights that sum to one over the predicted
-lesion, so the gradient reaching a stage is concentrated there; Grad-CAM averages it over the whole volume
-first and then weighs every voxel's activation by it, which spreads the map over the crop. On the demo model,
-6 correctly classified synthetic test cases, stage -2: a median of 51% (35-64%) of HiResCAM's mass lay in the
-lesion dilated by 2 voxels (2.6-5.1% of the volume), against 8% (4-15%) of Grad-CAM's (TechReport 6.5,
-``benchmarks/saliency_localisation.py``).
+  upsampled (trilinear) to the preprocessed shape and divided by its maximum (zeros when it is zero
+  everywhere). The gradient reaches the stage through everything the head reads from it; the segmentation
+  logits a head uses as a guide are detached, as in training. Gradient maps answer "which activations would
+  move the logit", which on a guided head lights edges the head never pooled (``benchmarks/saliency_localisation.py``
+  measures the share of each map's mass in the lesion).
 """
 from contextlib import contextmanager
 from typing import Optional, Tuple
@@ -49,39 +50,67 @@ def resolve_stage(num_stages: int, stage: int) -> int:
 
 def class_activation_map(predictor, data: torch.Tensor, class_index: int, stage: int,
                          method: str = DEFAULT_SALIENCY_METHOD) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(the class activation map of ``method`` (x, y, z) in [0, 1], the head's pooling weights (x, y, z) in
-    [0, 1] or None for a head without them) on the preprocessed grid of ``data`` (c, x, y, z), averaged over the
-    predictor's folds, on the CPU. ``method``: one of options.SALIENCY_METHODS."""
+    """(the map of ``method`` (x, y, z) in [0, 1], the head's pooling weights (x, y, z) in [0, 1] or None for a
+    head without them) on the preprocessed grid of ``data`` (c, x, y, z), averaged over the predictor's folds, on
+    the CPU. ``method``: one of options.SALIENCY_METHODS; ``decision`` falls back to ``hirescam`` for a head that
+    does not pool by a guide."""
     module = predictor._module()
     head = module.classification_head
     cams, pools = [], []
     with _pooling_weights_kept(head) as keeps_weights, torch.inference_mode(False), torch.enable_grad():
+        decision = method == "decision" and keeps_weights and bool(getattr(head, "branches", None))
         x = data.to(predictor.device).clone()  # a normal tensor (the prepared one may be an inference tensor)
         padded, revert = pad_nd_image(x, predictor.configuration_manager.patch_size, "constant", {"value": 0}, True,
                                       module.divisibility())
         crop = tuple(revert[1:])
         for _ in predictor.fold_weights():
             module.eval()
-            with predictor._autocast():
-                skips = module.encoder(padded[None])
-                s = resolve_stage(len(skips), stage)
-                segmentation = module.decoder(skips)
-                logits = module.classify(skips, segmentation)
-                segmentation = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
+            mlp_input = []
+            hook = head.mlp.register_forward_hook(lambda m, args, out: mlp_input.append(args[0])) if decision \
+                else None
+            try:
+                with predictor._autocast():
+                    skips = module.encoder(padded[None])
+                    s = resolve_stage(len(skips), stage)
+                    segmentation = module.decoder(skips)
+                    logits = module.classify(padded[None], skips, segmentation)
+            finally:
+                if hook is not None:
+                    hook.remove()
             activation = skips[s]
-            (gradient,) = torch.autograd.grad(logits[0, class_index].float(), activation)
+            gradient, *mlp_gradient = torch.autograd.grad(logits[0, class_index].float(),
+                                                          [activation] + mlp_input[:1])
             with torch.no_grad():
-                weights = gradient.float() if method == "hirescam" else \
-                    gradient.float().mean(dim=tuple(range(2, gradient.ndim)), keepdim=True)
-                cam = F.relu((weights * activation.float()).sum(1, keepdim=True))
-                cams.append(_normalised(_upsampled(cam, padded.shape[1:])[0, 0][crop]).cpu())
+                pool = None
                 if keeps_weights:  # as the head pooled in this pass (attention: its first pooled stage's grid)
-                    pool = _upsampled(head.last_pooling_weights.float(), padded.shape[1:])
-                    pools.append(_normalised(pool[0, 0][crop]).cpu())
-            del skips, segmentation, logits, activation, gradient
+                    pool = _normalised(_upsampled(head.last_pooling_weights.float(), padded.shape[1:])[0, 0][crop])
+                    pools.append(pool.cpu())
+                if decision:
+                    cams.append(_decision_map(head, mlp_input[0], mlp_gradient[0], pool, padded.shape[1:], crop).cpu())
+                else:
+                    weights = gradient.float() if method != "gradcam" else \
+                        gradient.float().mean(dim=tuple(range(2, gradient.ndim)), keepdim=True)
+                    cam = F.relu((weights * activation.float()).sum(1, keepdim=True))
+                    cams.append(_normalised(_upsampled(cam, padded.shape[1:])[0, 0][crop]).cpu())
+            del skips, segmentation, logits, activation, gradient, mlp_input, mlp_gradient
     cam = _normalised(torch.stack(cams).mean(0))
     pool = _normalised(torch.stack(pools).mean(0)) if pools else None
     return cam, pool
+
+
+def _decision_map(head, mlp_input: torch.Tensor, mlp_gradient: torch.Tensor, guide_map: torch.Tensor, size,
+                  crop) -> torch.Tensor:
+    """Each branch's pooling map (the guide's, the organ's), weighted by that branch's part in the predicted
+    class's logit: ReLU of the sum of gradient times input over the branch's pooled features (the first-order
+    share of the logit that the branch carries). Equal weights when no branch contributes positively."""
+    contribution = {name: float(F.relu((mlp_gradient[0, part] * mlp_input[0, part]).float().sum()))
+                    for name, part in head.branches.items()}
+    maps = {"guide": guide_map}
+    if "context" in head.branches and head.last_context_weights is not None:
+        maps["context"] = _normalised(_upsampled(head.last_context_weights.float(), size)[0, 0][crop])
+    total = sum(contribution[name] for name in maps)
+    shares = {name: (contribution[name] / total if total > 0 else 1.0 / len(maps)) for name in maps}
+    return _normalised(sum(shares[name] * maps[name] for name in maps))
 
 
 def _upsampled(x: torch.Tensor, size) -> torch.Tensor:
@@ -93,9 +122,10 @@ def _upsampled(x: torch.Tensor, size) -> torch.Tensor:
 
 @contextmanager
 def _pooling_weights_kept(head):
-    """Yields whether the head keeps the weights it pools with (SegGuidedHead, ``keep_pooling_weights``): the
-    saliency pass reads them from its own forward instead of computing them again; dropped afterwards."""
-    if not hasattr(head, "keep_pooling_weights"):
+    """Yields whether the head keeps the weights it pools with (a head that ``uses_guide``, through
+    ``keep_pooling_weights``): the saliency pass reads them from its own forward instead of computing them again;
+    dropped afterwards."""
+    if not head.uses_guide:
         yield False
         return
     head.keep_pooling_weights = True
@@ -103,6 +133,8 @@ def _pooling_weights_kept(head):
         yield True
     finally:
         head.keep_pooling_weights, head.last_pooling_weights = False, None
+        if hasattr(head, "last_context_weights"):
+            head.last_context_weights = None
 
 
 def segmentation_entropy(logits: torch.Tensor, has_regions: bool) -> torch.Tensor:

@@ -31,9 +31,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from multitask_nnunet.errors import InputError, one_line
+from multitask_nnunet.errors import InputError, WriteError, one_line
 from multitask_nnunet.serve.service import Service
-from multitask_nnunet.serve.uploads import ServiceError, UploadReceiver, describe_bytes
+from multitask_nnunet.serve.uploads import ServiceError, UploadReceiver, describe_bytes, storage_error
 from multitask_nnunet.serve.viewer import LAYERS, VIEWS
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -109,8 +109,11 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
                 receiver.close()
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
-            if isinstance(e, ServiceError):
+            refused = e if isinstance(e, ServiceError) else storage_error(e, "the upload")
+            if refused is not None:
                 await _drain(body)
+            if refused is not None and refused is not e:
+                raise refused from None
             raise
         # from here the worker owns the folder and removes it
         try:
@@ -121,6 +124,8 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
                                     f"(serve --timeout)") from None
         except InputError as e:
             raise ServiceError(422, str(e)) from None
+        except WriteError as e:
+            raise storage_error(e, f"the result of case '{job.name}'") from None
         payload = stored.payload
         print(f"predicted {payload['name']} ({payload['id']}): class {payload['class_index']} "
               f"({payload['class_name']}) in {payload['timings']['service']:.2f} s", flush=True)

@@ -10,6 +10,8 @@
   ``results/``, removed with their result. Results expire after ``result_ttl`` seconds, and beyond
   ``max_results`` the oldest go first. ``close`` removes the folder. Its name carries the host and process id
   (as atomic.py's temporary files do), so that the next start removes the folder of a server that was killed.
+- A full (or read-only) disk fails the request in one line (507, or 503: uploads.storage_error) and leaves
+  nothing of it behind; the service goes on, and the same request succeeds once there is room.
 """
 import math
 import os
@@ -29,7 +31,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from multitask_nnunet.atomic import owner_is_gone, owner_tag
-from multitask_nnunet.errors import InputError
+from multitask_nnunet.errors import InputError, WriteError
 from multitask_nnunet.inference.options import PredictorOptions
 from multitask_nnunet.serve.options import ServeOptions
 from multitask_nnunet.serve.uploads import ServiceError, Upload, assign_channels
@@ -197,6 +199,9 @@ class Service:
                     stored = self._predict(job, started)
                 except InputError as e:
                     job.future.set_exception(InputError(job.clean(str(e))))
+                except WriteError as e:  # the server's disk: the request is answered 507/503 (app.py), no traceback
+                    print(f"multitask-nnunet serve: case '{job.name}': {e}", file=sys.stderr, flush=True)
+                    job.future.set_exception(e)
                 except Exception as e:  # the service keeps serving; the request gets a 500 naming the error
                     print(f"multitask-nnunet serve: error predicting '{job.name}': {type(e).__name__}: {e}",
                           file=sys.stderr)
@@ -245,6 +250,7 @@ class Service:
             "calibrated": self.predictor.temperatures is not None,  # every fold's calibration.json applied
             "uncertainty": {k: float(v) for k, v in (getattr(result, "uncertainty", None) or {}).items()},
             "volumes_ml": volumes_ml(result.segmentation, result.properties["spacing"], self.dataset_json["labels"]),
+            "guide": dict(getattr(result, "guide", None) or {}),  # guide_ml, no_guide (heads.guide_summary)
             "timings": timings,
             "path": result.path,
             "fallback": result.fallback,

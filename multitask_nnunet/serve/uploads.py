@@ -2,7 +2,8 @@
 the server makes (the client's file names never reach the file system), counted against the size limit as it
 arrives; then each file checked to be NIfTI and given its channel from its name (nnU-Net's ``_XXXX`` suffix).
 
-Every problem is a ``ServiceError`` (HTTP status and one line). Needs python-multipart (the serve extra).
+Every problem is a ``ServiceError`` (HTTP status and one line), the server's own disk too (``storage_error``: 507
+when it is full, 503 when it cannot be written). Needs python-multipart (the serve extra).
 """
 import gzip
 import os
@@ -14,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
+from multitask_nnunet.errors import write_failure
 from multitask_nnunet.nifti import channel_pattern
 
 
@@ -27,6 +29,18 @@ class ServiceError(Exception):
     def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+def storage_error(error: BaseException, what: str) -> Optional[ServiceError]:
+    """The answer when the server cannot store ``what`` (e.g. "the upload") because of its own disk: 507 when the
+    disk is full or over quota (the same request succeeds once there is room), 503 when it is read-only or not
+    writable; None for any other error. The message names no server path."""
+    failure = write_failure(error, what)
+    if failure is None:
+        return None
+    if failure.no_room:
+        return ServiceError(507, f"the server has no room to store {what} ({failure.reason}); retry once it has")
+    return ServiceError(503, f"the server cannot store {what} ({failure.reason})")
 
 
 @dataclass
@@ -74,12 +88,18 @@ class UploadReceiver:
         except MultipartParseError as e:
             self.close()
             raise ServiceError(400, f"malformed multipart body ({e})") from None
+        except OSError as e:  # writing the upload's file: the server's disk
+            self.close()
+            raise (storage_error(e, "the upload") or e) from None
 
     def finish(self) -> List[Upload]:
         try:
             self._parser.finalize()
+            self._end_file()
         except MultipartParseError as e:
             raise ServiceError(400, f"malformed multipart body ({e})") from None
+        except OSError as e:
+            raise (storage_error(e, "the upload") or e) from None
         finally:
             self.close()
         if not self.uploads:
@@ -90,9 +110,18 @@ class UploadReceiver:
         return self.uploads
 
     def close(self) -> None:
+        """Close the file being received (cleaning up after an error: what it could not write is dropped, the
+        caller removes the folder)."""
+        try:
+            self._end_file()
+        except OSError:
+            pass
+
+    def _end_file(self) -> None:
+        """Close the file being received; raises the error of writing its last bytes (e.g. a full disk)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            file.close()
 
     # python-multipart's callbacks
     def _part_begin(self):
@@ -122,7 +151,7 @@ class UploadReceiver:
             self.uploads[-1].size += end - start
 
     def _part_end(self):
-        self.close()
+        self._end_file()
 
 
 def describe_bytes(n: int) -> str:

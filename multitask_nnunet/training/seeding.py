@@ -6,7 +6,7 @@ torch in the training process before ``initialize()`` draws the weights, and giv
 that nnU-Net builds a seed of its own. ``MultitasknnUNetTrainer`` uses it, and so can a stock trainer: two
 trainers with the same seed then see the same initial segmentation weights and the same batches, which is how
 the tests prove that the multitask trainer's first two phases train the segmentation network exactly as stock
-``nnUNetTrainer`` does (TechReport 6.0).
+``nnUNetTrainer`` does.
 """
 import random
 import sys

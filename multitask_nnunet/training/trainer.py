@@ -5,12 +5,13 @@ optimizer with poly learning rate and gradient clipping at 12 for the segmentati
 loss, DDP) stays nnU-Net's. This subclass adds:
 
 - the class labels, read from dataset.json (see multitask_nnunet.class_labels) and checked at initialize;
-- a classification head from the head registry (multitask_nnunet.heads): by default ``SegGuidedHead``,
-  which pools encoder features where the network itself predicts the class-carrying structure (optionally,
-  in training, where the ground truth has it: ``phase1_teacher_forcing``, ``phase2_teacher_forcing``);
+- a classification head from the head registry (multitask_nnunet.heads): by default the guided head,
+  which pools encoder features where the network itself predicts the class-carrying structure and the organ
+  around it, beside descriptors of both;
 - the head's own optimizer (AdamW with warm-up and poly decay, its own gradient clipping). One AMP grad
   scaler serves both optimizers, unscaling each before it is clipped;
-- a staged curriculum, ``loss = seg_loss + w * cls_loss`` with class-balanced cross-entropy:
+- a staged curriculum in fractions of ``num_epochs`` (``resolve_curriculum``),
+  ``loss = seg_loss + w * cls_loss`` with class-balanced cross-entropy:
   phase 0 (epochs < ``seg_warmup_epochs``): segmentation only (w = 0, the head is not trained);
   phase 1 (epochs < ``phase1_epochs``): the head learns on detached encoder features (exactly zero encoder
   gradient from the classification loss);
@@ -25,10 +26,11 @@ loss, DDP) stays nnU-Net's. This subclass adds:
   works on them), with the head's spec and weights beside them under ``classification_head`` and the head
   optimizer's state under ``head_optimizer_state``.
 """
+import math
 import multiprocessing
 import warnings
 from time import sleep, time
-from typing import List, Union
+from typing import List, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -50,8 +52,9 @@ from torch.nn.parallel import DistributedDataParallel
 from multitask_nnunet.calibration import CALIBRATION_JSON, fit_calibration, write_calibration
 from multitask_nnunet.class_csv import write_class_csvs
 from multitask_nnunet.class_labels import class_labels_for_cases, class_weights, read_class_labels
+from multitask_nnunet.errors import InputError, WriteError
 from multitask_nnunet.evaluation.metrics import classification_metrics, mean_probabilities_per_case
-from multitask_nnunet.heads import area_resize, build_head, plan_head, resolve_guide
+from multitask_nnunet.heads import DEFAULT_HEAD, HEADS, area_resize, build_head, plan_head, resolve_guide
 from multitask_nnunet.nnunet_copies import follows
 from multitask_nnunet.network import MultitaskUNet, merge_state_dict, split_state_dict
 from multitask_nnunet.training.logger import MultitaskLocalLogger
@@ -62,19 +65,80 @@ PHASE_NAMES = {0: "segmentation warm-up (classification head not trained)",
                2: "joint training (classification gradients reach the encoder)"}
 
 
+class Curriculum(NamedTuple):
+    """The curriculum in epochs, as resolved for one ``num_epochs``."""
+    seg_warmup_epochs: int
+    phase1_epochs: int
+    head_warmup_epochs: int
+    best_weight_ramp_epochs: int
+
+
+class CurriculumError(ValueError):
+    """A schedule that cannot train the head as the curriculum says; the message is one line."""
+
+
+def _epoch_range(start: int, stop: int) -> str:
+    return "none" if stop <= start else str(start) if stop == start + 1 else f"{start}-{stop - 1}"
+
+
+def _scaled(fraction: float, num_epochs: int) -> int:
+    return int(math.floor(fraction * num_epochs + 0.5))
+
+
+def resolve_curriculum(num_epochs: int, seg_warmup_fraction: float = 0.05, phase1_fraction: float = 0.5,
+                       seg_warmup_epochs: Optional[int] = None, phase1_epochs: Optional[int] = None,
+                       head_warmup_fraction: float = 0.005, head_warmup_epochs: Optional[int] = None,
+                       best_weight_ramp_fraction: float = 0.05,
+                       best_weight_ramp_epochs: Optional[int] = None) -> Curriculum:
+    """Phase boundaries in epochs: explicit ``*_epochs`` as given, else from the fractions of ``num_epochs``.
+
+    From fractions, a phase whose fraction span is not empty gets at least one epoch, and the joint phase at
+    least the last epoch (so with 2 epochs: warm-up, then joint; with 1: joint only). Raises
+    ``CurriculumError`` for a schedule in which the head is never trained, the phases are out of order or the
+    joint phase never comes."""
+    values = (f"num_epochs={num_epochs}, seg_warmup_fraction={seg_warmup_fraction}, "
+              f"phase1_fraction={phase1_fraction}, seg_warmup_epochs={seg_warmup_epochs}, "
+              f"phase1_epochs={phase1_epochs}")
+    if not 0 <= seg_warmup_fraction <= phase1_fraction < 1:
+        raise CurriculumError(f"{values}: the fractions need 0 <= seg_warmup_fraction <= phase1_fraction < 1")
+    last = num_epochs - 1  # the joint phase's last possible start
+    warmup = seg_warmup_epochs
+    if warmup is None:
+        warmup = 0 if seg_warmup_fraction == 0 else max(1, _scaled(seg_warmup_fraction, num_epochs))
+        warmup = min(warmup, last if phase1_epochs is None else phase1_epochs)
+    phase1 = phase1_epochs
+    if phase1 is None:
+        phase1 = warmup if phase1_fraction == seg_warmup_fraction else \
+            max(warmup + 1, _scaled(phase1_fraction, num_epochs))
+        phase1 = max(warmup, min(phase1, last))
+    resolved = f"num_epochs={num_epochs}, seg_warmup_epochs={warmup}, phase1_epochs={phase1}"
+    if warmup < 0 or phase1 < warmup:
+        raise CurriculumError(f"{resolved}: phases out of order (need 0 <= seg_warmup_epochs <= phase1_epochs)")
+    if warmup >= num_epochs:
+        raise CurriculumError(f"{resolved}: the classification head is never trained "
+                              f"(need seg_warmup_epochs < num_epochs)")
+    if phase1 >= num_epochs:
+        raise CurriculumError(f"{resolved}: the joint phase never comes (need phase1_epochs < num_epochs)")
+    head_warmup = head_warmup_epochs if head_warmup_epochs is not None else \
+        max(1, _scaled(head_warmup_fraction, num_epochs))
+    ramp = best_weight_ramp_epochs if best_weight_ramp_epochs is not None else \
+        max(1, _scaled(best_weight_ramp_fraction, num_epochs))
+    return Curriculum(int(warmup), int(phase1), int(head_warmup), int(ramp))
+
+
 class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
     """Subclass it (nnU-Net style, in your own ``nnUNet_extTrainer`` folder) and override these to change the
     head, its optimizer or the curriculum; nnU-Net's own attributes (``num_epochs``,
     ``num_iterations_per_epoch``, ``initial_lr``, ...) work as usual."""
 
     # ---- classification head (multitask_nnunet.heads) ----------------------------------------------------
-    #: a head class of multitask_nnunet.heads.HEADS: "SegGuidedHead" (default) or "GAPHead" (global average
-    #: pooling of the bottleneck: the first design, kept for comparison)
-    head_class = "SegGuidedHead"
+    #: a head class name of multitask_nnunet.heads.HEADS (default ``heads.DEFAULT_HEAD``, the guided head; see
+    #: heads.py for the others, and ``heads.register_head`` for your own)
+    head_class = DEFAULT_HEAD
     #: overrides of the head's planned kwargs, e.g. {"hidden": [256], "dropout": 0.2, "pool_stages": [2, 3, 4]}
     head_kwargs = {}
-    #: SegGuidedHead's guide: None = the last region of regions_class_order (region-based datasets) or the
-    #: highest label; a region or label name of dataset.json; or "foreground"
+    #: the guide of a head that pools by one (``uses_guide``): None = the last region of regions_class_order
+    #: (region-based datasets) or the highest label; a region or label name of dataset.json; or "foreground"
     head_guide = None
 
     # ---- the head's own optimizer ----------------------------------------------------------------------
@@ -83,40 +147,43 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
     separate_head_optimizer = True
     head_lr = 1e-3
     head_weight_decay = 1e-4
-    #: linear warm-up over this many epochs from the head's first trained epoch, then poly decay (exponent
+    #: linear warm-up over ``head_warmup_epochs`` from the head's first trained epoch, then poly decay (exponent
     #: 0.9, like nnU-Net's) to 0 at ``num_epochs``
-    head_warmup_epochs = 5
     head_grad_clip_norm = 1.0
     #: gradient-norm clipping of the segmentation network (nnU-Net's 12)
     grad_clip_norm = 12.0
 
     # ---- curriculum ------------------------------------------------------------------------------------
-    #: phase 0, epochs < seg_warmup_epochs: segmentation only
-    seg_warmup_epochs = 50
-    #: phase 1, epochs < phase1_epochs: the head on detached features; phase 2 (joint) starts at this epoch
-    phase1_epochs = 500
+    #: the curriculum in fractions of ``num_epochs``, resolved when training starts (``resolve_curriculum``), so a
+    #: subclass that only sets ``self.num_epochs`` gets the same curriculum, scaled: phase 0 (segmentation only)
+    #: for the first ``seg_warmup_fraction`` of the epochs, phase 1 (the head on detached features) until
+    #: ``phase1_fraction`` of them, then phase 2 (joint). Each phase with a non-empty fraction gets at least one
+    #: epoch, and the joint phase at least the last one
+    seg_warmup_fraction = 0.05
+    phase1_fraction = 0.5
+    #: explicit overrides in epochs (None: from the fractions above). An impossible schedule (the head never
+    #: trained, phases out of order, a joint phase that never comes) is refused when training starts
+    seg_warmup_epochs = None
+    phase1_epochs = None
+    #: the head's learning-rate warm-up and the checkpoint_best metric's ramp (below), also in fractions of
+    #: ``num_epochs`` (at least one epoch) unless set in epochs
+    head_warmup_fraction = 0.005
+    head_warmup_epochs = None
+    best_weight_ramp_fraction = 0.05
+    best_weight_ramp_epochs = None
     #: classification-loss weight w in phase 1 and in phase 2 (loss = seg_loss + w * cls_loss). With the
     #: head's own AdamW, w hardly changes the head's steps (Adam is invariant to the loss scale); in phase 2 it
     #: sets how strongly the classification gradient shapes the encoder
     phase1_cls_weight = 1.0
     phase2_cls_weight = 0.1
-    #: teacher forcing of SegGuidedHead's guide in training: the probability, per case and step, that a case
-    #: whose patch holds ground truth of the guide structure is pooled over that ground-truth mask instead of
-    #: the network's prediction, in phase 1 and in phase 2 (validation and inference always pool over the
-    #: prediction). Off by default: in the CPU benchmark (TechReport 6.0, three paired seeds) it rescued the
-    #: classification of the one seed whose lesion was segmented late, changed no F1 in the others, and cost
-    #: 0.155 lesion Dice in one of them (the head's loss jumps when phase 2 switches it to the predicted
-    #: pooling). Try ``phase1_teacher_forcing = 1.0`` where segmentation finds the structure late.
-    phase1_teacher_forcing = 0.0
-    phase2_teacher_forcing = 0.0
     #: warn in the log when validation has predicted a single class for this many epochs in a row
     collapse_warning_epochs = 5
 
     #: checkpoint_best metric = s * EMA pseudo-Dice + (1 - s) * EMA macro-F1; s is ``best_seg_weight_phase1``
     #: until phase 2 and slides linearly to ``best_seg_weight_final`` over ``best_weight_ramp_epochs`` epochs
+    #: (see the curriculum above)
     best_seg_weight_phase1 = 0.9
     best_seg_weight_final = 0.5
-    best_weight_ramp_epochs = 50
 
     # ---- final validation ------------------------------------------------------------------------------
     #: mirroring TTA in the final validation (nnU-Net's: on). Off needs 1/8 of the network passes in 3d and
@@ -145,10 +212,6 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
     def cls_weight(self) -> float:
         return (0.0, self.phase1_cls_weight, self.phase2_cls_weight)[self.phase]
 
-    @property
-    def teacher_forcing(self) -> float:
-        return (0.0, self.phase1_teacher_forcing, self.phase2_teacher_forcing)[self.phase]
-
     def head_learning_rate(self, epoch: int) -> float:
         if epoch < self.seg_warmup_epochs:
             return 0.0
@@ -164,10 +227,26 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
     def _dataset_json_path(self) -> str:
         return join(self.preprocessed_dataset_folder_base, 'dataset.json')
 
+    def resolve_curriculum(self) -> Curriculum:
+        """This trainer's curriculum for its ``num_epochs`` (see the class attributes); sets the ``*_epochs``
+        attributes to the resolved values."""
+        curriculum = resolve_curriculum(
+            self.num_epochs, self.seg_warmup_fraction, self.phase1_fraction, self.seg_warmup_epochs,
+            self.phase1_epochs, self.head_warmup_fraction, self.head_warmup_epochs, self.best_weight_ramp_fraction,
+            self.best_weight_ramp_epochs)
+        for name, value in curriculum._asdict().items():
+            setattr(self, name, value)
+        return curriculum
+
     def initialize(self):
         if not self.was_initialized:
-            # fail on missing labels before anything is built
-            self.class_labels = read_class_labels(self.dataset_json, self._dataset_json_path())
+            # refuse an impossible schedule or missing labels in one line (nnUNetv2_train prints a SystemExit's
+            # message without a traceback), before anything is built
+            try:
+                self.resolve_curriculum()
+                self.class_labels = read_class_labels(self.dataset_json, self._dataset_json_path())
+            except (CurriculumError, InputError) as e:
+                raise SystemExit(f"{type(self).__name__}: {e}") from None
             # nnU-Net's initialize() builds the training network through self.build_network_architecture. The
             # class's static builder stays nnU-Net's, so nnUNetv2_predict builds the plain segmentation network
             # from our checkpoints; for training, this instance's builder adds the head.
@@ -182,9 +261,13 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         self.print_to_log_file(f"Classes {self.class_labels.class_names}, training-fold counts {counts}, "
                                f"cross-entropy weights {np.round(weights, 4).tolist()}")
         self.print_to_log_file(f"Classification head {self.head_spec['class_name']} {self.head_spec['kwargs']}; "
-                               f"{'own AdamW' if self.separate_head_optimizer else 'in nnU-Net SGD'}; curriculum: "
-                               f"segmentation only until epoch {self.seg_warmup_epochs}, detached features until "
-                               f"{self.phase1_epochs}, then joint")
+                               f"{'own AdamW' if self.separate_head_optimizer else 'in nnU-Net SGD'}")
+        self.print_to_log_file(
+            f"Curriculum for {self.num_epochs} epochs: segmentation only in epochs "
+            f"{_epoch_range(0, self.seg_warmup_epochs)}, the head on detached features in epochs "
+            f"{_epoch_range(self.seg_warmup_epochs, self.phase1_epochs)}, joint training in epochs "
+            f"{_epoch_range(self.phase1_epochs, self.num_epochs)} (head learning-rate warm-up "
+            f"{self.head_warmup_epochs} epochs)")
         self.classification_loss = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32,
                                                                            device=self.device))
 
@@ -192,10 +275,15 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
                                  num_output_channels: int, enable_deep_supervision: bool = True) -> MultitaskUNet:
         segmentation_network = type(self).build_network_architecture(
             plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
+        if self.head_class not in HEADS:
+            raise SystemExit(f"{type(self).__name__}: head_class {self.head_class!r}: not a registered head "
+                             f"({', '.join(HEADS)})")
         guide = resolve_guide(self.label_manager, self.dataset_json, self.head_guide) \
-            if self.head_class == "SegGuidedHead" else None
+            if HEADS[self.head_class].uses_guide else None
+        voxel_ml = float(np.prod(configuration_manager.spacing)) / 1000.0
         self.head_spec = plan_head(self.head_class, segmentation_network.encoder.output_channels,
-                                   self.class_labels.num_classes, guide, **self.head_kwargs)
+                                   self.class_labels.num_classes, guide, input_channels=num_input_channels,
+                                   voxel_ml=voxel_ml, **self.head_kwargs)
         return MultitaskUNet(segmentation_network, build_head(self.head_spec))
 
     def _unwrapped_network(self) -> MultitaskUNet:
@@ -222,9 +310,9 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         return torch.tensor(labels, dtype=torch.long, device=self.device)
 
     def _guide_mask(self, target) -> Union[torch.Tensor, None]:
-        """(B, 1, *spatial) bool ground-truth mask of SegGuidedHead's guide structure at the segmentation's full
+        """(B, 1, *spatial) bool ground-truth mask of the head's guide structure at the segmentation's full
         resolution; None when the head has no guide."""
-        if self.head_spec['class_name'] != 'SegGuidedHead':
+        if not HEADS[self.head_spec['class_name']].uses_guide:
             return None
         target = target[0] if isinstance(target, (list, tuple)) else target
         channels = self.head_spec['kwargs']['guide_channels']
@@ -238,21 +326,9 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
             mask = torch.isin(target[:, :1].long(), labels)
         return mask
 
-    def _guide_target(self, guide_mask: Union[torch.Tensor, None]) -> Union[torch.Tensor, None]:
-        """The guide mask (``_guide_mask``) kept for each case with probability ``teacher_forcing`` (zero
-        otherwise: that case pools over the prediction), as float; None when there is no guide or teacher
-        forcing is off."""
-        p = self.teacher_forcing
-        if p <= 0 or guide_mask is None:
-            return None
-        if p >= 1:  # every case: no random draw, so the run's random streams stay those of no teacher forcing
-            return guide_mask.float()
-        keep = torch.rand(guide_mask.shape[0], device=guide_mask.device) < p
-        return (guide_mask & keep.view(-1, *([1] * (guide_mask.ndim - 1)))).float()
-
     @torch.no_grad()
     def _guide_share(self, guide_mask) -> List[float]:
-        """Per case whose patch holds the guide structure: the share of SegGuidedHead's pooling weight (as the
+        """Per case whose patch holds the guide structure: the share of the head's pooling weight (as the
         head used it in this step's forward pass, ``last_pooling_weights``: at the segmentation's resolution, or
         with ``attention`` at its first pooled stage's, the mask area-averaged to that grid) that lies on the
         ground-truth structure. 1 means the head pooled only there; the structure's share of the
@@ -286,9 +362,6 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         if self.current_epoch in (self.seg_warmup_epochs, self.phase1_epochs) or self.current_epoch == 0:
             self.print_to_log_file(f"Phase {self.phase}: {PHASE_NAMES[self.phase]}")
         message = f"Phase {self.phase}, classification loss weight {self.cls_weight}"
-        if self.head_spec['class_name'] == 'SegGuidedHead' and (self.phase1_teacher_forcing or
-                                                                 self.phase2_teacher_forcing):
-            message += f", guide teacher forcing {self.teacher_forcing}"
         if self.head_optimizer is not None:
             lr = self.head_learning_rate(self.current_epoch)
             for group in self.head_optimizer.param_groups:
@@ -313,9 +386,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
                 optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             guide_mask = self._guide_mask(target)
-            guide_target = self._guide_target(guide_mask)
-            segmentation, class_logits = self.network(data, return_classification=True, detach_features=phase < 2,
-                                                      guide_target=guide_target)
+            segmentation, class_logits = self.network(data, return_classification=True, detach_features=phase < 2)
             seg_loss = self.loss(segmentation, target)
             cls_loss = self.classification_loss(class_logits.float(), labels)
             # w = 0 in phase 0 still gives every head parameter a (zero) gradient, as DDP requires
@@ -420,7 +491,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         self.print_to_log_file('train_loss', np.round(get('train_losses'), 4),
                                'seg', np.round(get('train_seg_losses'), 4), 'cls', np.round(get('train_cls_losses'), 4))
         self.print_to_log_file('val_loss', np.round(get('val_losses'), 4))
-        if self.head_spec['class_name'] == 'SegGuidedHead':
+        if HEADS[self.head_spec['class_name']].uses_guide:
             self.print_to_log_file('Head pooling weight on the ground-truth guide structure (train):',
                                    np.round(get('train_guide_share'), 4))
         self.print_to_log_file('Pseudo dice', [np.round(i, decimals=4) for i in get('dice_per_class_or_region')])
@@ -526,7 +597,8 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         if self.is_ddp:
             val_keys = val_keys[self.local_rank::dist.get_world_size()]
         dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys)
-        probabilities = {}
+        head = self._unwrapped_network().classification_head
+        probabilities, no_guide = {}, {}  # no_guide: 1.0 for a case whose guide structure was not predicted
         with multiprocessing.get_context("spawn").Pool(default_num_processes) as export_pool:
             workers, results = list(export_pool._pool), []
             for key in dataset_val.identifiers:
@@ -539,11 +611,14 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
                     data = torch.from_numpy(data[:])
                 prediction = predictor.predict_preprocessed_case(data)  # the one-case path of predict
                 logits, probabilities[key] = prediction.logits, prediction.probabilities
+                if head.uses_guide:
+                    no_guide[key] = float(not bool(head.guide_found(logits[None])[0]))
                 results.append(export_pool.starmap_async(export_prediction_from_logits, (
                     (logits, properties, self.configuration_manager, self.plans_manager, self.dataset_json,
                      join(validation_folder, key), save_probabilities),)))
             _ = [r.get() for r in results]
         probabilities = {k: v for g in self._gather(probabilities) for k, v in g.items()}
+        no_guide = {k: v for g in self._gather(no_guide) for k, v in g.items()}
 
         if self.local_rank == 0:
             metrics = compute_metrics_on_folder(
@@ -555,15 +630,19 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
                 self.label_manager.ignore_label, chill=True, num_processes=default_num_processes)
             self.print_to_log_file("Mean Validation Dice: ", metrics['foreground_mean']["Dice"],
                                    also_print_to_console=True)
-            self._write_validation_classification(validation_folder, probabilities)
+            try:
+                self._write_validation_classification(validation_folder, probabilities, no_guide)
+            except WriteError as e:  # a full disk: one line (nnUNetv2_train prints a SystemExit's message)
+                raise SystemExit(f"{type(self).__name__}: final validation: {e}; rerun with --val") from None
         self.set_deep_supervision_enabled(True)
         compute_gaussian.cache_clear()
 
-    def _write_validation_classification(self, folder: str, probabilities: dict) -> None:
+    def _write_validation_classification(self, folder: str, probabilities: dict, no_guide: dict) -> None:
         ending = self.dataset_json["file_ending"]
         cases = sorted(probabilities)
         true = {c + ending: self.class_labels.label_of(c) for c in cases}
-        write_class_csvs(folder, {c + ending: probabilities[c] for c in cases}, self.class_labels.class_names, true)
+        write_class_csvs(folder, {c + ending: probabilities[c] for c in cases}, self.class_labels.class_names, true,
+                         extra_columns={c + ending: {"no_guide": no_guide[c]} for c in cases if c in no_guide})
         metrics = classification_metrics([self.class_labels.label_of(c) for c in cases],
                                          [int(np.argmax(probabilities[c])) for c in cases],
                                          self.class_labels.class_names)
@@ -574,17 +653,21 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
                                f"{metrics['macro_f1']:.4f}, accuracy {metrics['accuracy']:.4f}, confusion matrix "
                                f"{metrics['confusion_matrix']}", also_print_to_console=True)
         self._fit_calibration(np.stack([probabilities[c] for c in cases]),
-                              [self.class_labels.label_of(c) for c in cases])
+                              [self.class_labels.label_of(c) for c in cases],
+                              int(sum(no_guide.get(c, 0.0) for c in cases)))
 
-    def _fit_calibration(self, probabilities: np.ndarray, labels: List[int]) -> None:
+    def _fit_calibration(self, probabilities: np.ndarray, labels: List[int], without_guide: int = 0) -> None:
         """Temperature scaling on this fold's validation class probabilities (multitask_nnunet.calibration), written
-        to ``fold_X/calibration.json``, which ``multitask-nnunet predict`` applies by default."""
+        to ``fold_X/calibration.json``, which ``multitask-nnunet predict`` applies by default. Cases whose guide
+        structure was not predicted are fitted with the others (their count is recorded), so the temperature
+        reflects missed lesions as often as validation has them."""
         if len(labels) == 0:
             return
-        calibration = fit_calibration(probabilities, labels)
+        calibration = {**fit_calibration(probabilities, labels), "cases_without_guide": without_guide}
         write_calibration(self.output_folder, calibration)
         self.print_to_log_file(
-            f"Calibration (temperature scaling on {len(labels)} validation cases): "
+            f"Calibration (temperature scaling on {len(labels)} validation cases, {without_guide} without a predicted "
+            f"guide structure): "
             f"T = {calibration['temperature']:.4f}; "
             f"NLL {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}, ECE ({calibration['ece_bins']} "
             f"bins) {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}; written to {CALIBRATION_JSON}"

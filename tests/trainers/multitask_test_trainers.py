@@ -9,12 +9,9 @@ from multitask_nnunet.training.seeding import SeededTraining
 
 
 class MultitasknnUNetTrainer_TestShort(MultitasknnUNetTrainer):
-    """Three epochs, one per curriculum phase, of four iterations each; the final validation without
-    mirroring."""
+    """Three epochs of four iterations each (the curriculum resolves to one epoch per phase); the final
+    validation without mirroring."""
     final_validation_mirroring = False
-    seg_warmup_epochs = 1
-    phase1_epochs = 2
-    head_warmup_epochs = 1
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -56,11 +53,17 @@ class nnUNetTrainer_TestSeeded(SeededTraining, nnUNetTrainer):
 
 class MultitasknnUNetTrainer_TestSeeded(MultitasknnUNetTrainer):
     """The same seed and schedule as ``nnUNetTrainer_TestSeeded``: epoch 0 is phase 0 (segmentation only), epoch 1
-    phase 1 (the head trains on detached features with classification-loss weight 1)."""
+    phase 1 (the head trains on detached features with classification-loss weight 1). The joint phase never comes,
+    on purpose (the test compares segmentation with stock's), so the curriculum is set here rather than resolved
+    and checked."""
     seed = 0
-    seg_warmup_epochs = 1
-    phase1_epochs = 2
-    head_warmup_epochs = 1
+
+    def resolve_curriculum(self):
+        from multitask_nnunet.training.trainer import Curriculum
+        curriculum = Curriculum(seg_warmup_epochs=1, phase1_epochs=2, head_warmup_epochs=1, best_weight_ramp_epochs=1)
+        for name, value in curriculum._asdict().items():
+            setattr(self, name, value)
+        return curriculum
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -68,3 +71,29 @@ class MultitasknnUNetTrainer_TestSeeded(MultitasknnUNetTrainer):
         _two_short_epochs(self)
 
     perform_actual_validation = nnUNetTrainer_TestSeeded.perform_actual_validation
+
+
+class MultitasknnUNetTrainer_TestEpochs4(MultitasknnUNetTrainer):
+    """A user's subclass written nnU-Net style: it sets only the schedule (few iterations, to keep the test short),
+    not the curriculum."""
+    final_validation_mirroring = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 4
+        self.num_iterations_per_epoch = 3
+        self.num_val_iterations_per_epoch = 1
+
+
+class MultitasknnUNetTrainer_TestEpochs12(MultitasknnUNetTrainer_TestEpochs4):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 12
+        self.num_iterations_per_epoch = 2
+
+
+class MultitasknnUNetTrainer_TestJointNeverComes(MultitasknnUNetTrainer_TestEpochs4):
+    """An explicit schedule whose joint phase would start after the last epoch: refused at start."""
+    phase1_epochs = 50
