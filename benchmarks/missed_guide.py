@@ -37,6 +37,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from multitask_nnunet import heads
     from multitask_nnunet.class_csv import read_case_classes
     from multitask_nnunet.evaluation.metrics import classification_metrics
     from multitask_nnunet.inference.case_predictor import CasePredictor
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         segmentation[:, list(channels)] = MISSED_LOGIT
         return (skips, segmentation, *rest)
 
-    guide_labels = _guide_labels(predictor.predictor.label_manager, channels)
+    guide_labels = heads.guide_labels(predictor.predictor.label_manager, channels)
     rows = {}
     for image in images:
         case = os.path.basename(image)[:-len("_0000.nii.gz")]
@@ -96,13 +97,6 @@ def main(argv=None) -> int:
             json.dump({"model": os.path.abspath(args.m), "tta": args.tta, "summary": summary, "cases": rows}, f,
                       indent=1)
     return 0
-
-
-def _guide_labels(label_manager, channels) -> list:
-    """The labels of the exported mask that the guide channels write (region-based: ``regions_class_order``)."""
-    if label_manager.has_regions:
-        return [int(label_manager.regions_class_order[c]) for c in channels]
-    return [int(c) for c in channels]
 
 
 if __name__ == "__main__":

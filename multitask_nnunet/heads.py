@@ -28,12 +28,12 @@ Adding a head: subclass ``ClassificationHead``, give it a ``plan`` classmethod, 
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from multitask_nnunet.errors import InputError
+from multitask_nnunet.nifti import labels_volume_ml
 
 FOREGROUND_GUIDE = "foreground"
 
@@ -68,6 +68,11 @@ class ClassificationHead(nn.Module):
         self.last_pooling_weights: Optional[torch.Tensor] = None
         self.keep_pooling_weights = False
         self.guide_channels: List[int] = []
+        #: where each pooling branch sits in the head's final MLP input, by name (the saliency pass weighs the
+        #: branches' maps by them; empty for a head without pooling branches), and the organ weights of a context
+        #: branch, kept like ``last_pooling_weights``
+        self.branches: Dict[str, slice] = {}
+        self.last_context_weights: Optional[torch.Tensor] = None
 
     @classmethod
     def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None,
@@ -161,13 +166,10 @@ class SegGuidedHead(ClassificationHead):
                 nn.init.zeros_(score.weight)
                 nn.init.zeros_(score.bias)
         self.mlp = _mlp(pooled, hidden, num_classes, dropout)
-        #: where each branch sits in the MLP's input (the saliency pass weighs the branches' maps by them)
         width = sum(stage_channels)
-        self.branches: Dict[str, slice] = {"guide": slice(0, width)}
+        self.branches = {"guide": slice(0, width)}
         if self.context:
             self.branches["context"] = slice(width, 2 * width)
-        #: the organ weights of the context branch, kept like ``last_pooling_weights`` (None without ``context``)
-        self.last_context_weights: Optional[torch.Tensor] = None
 
     @classmethod
     def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None,
@@ -264,7 +266,7 @@ class SegGuidedHead(ClassificationHead):
         rim = (pool(lesion[:, None].float(), k, stride=1, padding=self.RIM_VOXELS)[:, 0] > 0) & ~lesion
         parenchyma = organ & ~lesion
         lesion_n, organ_n = lesion.flatten(1).sum(1).float(), (organ | lesion).flatten(1).sum(1).float()
-        found = (lesion_n >= self.min_guide_voxels).float()
+        found = self._found(lesion).float()
         columns = [torch.log1p(lesion_n * self.voxel_ml), torch.log1p(organ_n * self.voxel_ml),
                    lesion_n / organ_n.clamp_min(1), found]
         flat = image.flatten(2)  # (B, C_in, N)
@@ -321,21 +323,24 @@ def register_head(cls: Type[ClassificationHead]) -> Type[ClassificationHead]:
     return cls
 
 
+def head_class(class_name: str) -> Type[ClassificationHead]:
+    """The registered head class of that name; ``InputError`` naming the known heads otherwise."""
+    if class_name not in HEADS:
+        raise InputError(f"unknown classification head '{class_name}'; known heads: {', '.join(HEADS)}")
+    return HEADS[class_name]
+
+
 def plan_head(class_name: str, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None,
               input_channels: int = 1, voxel_ml: float = 1e-3, **overrides) -> dict:
     """The spec of a head: its class name and the complete kwargs that ``build_head`` rebuilds it from."""
-    if class_name not in HEADS:
-        raise InputError(f"unknown classification head '{class_name}'; known heads: {', '.join(HEADS)}")
-    kwargs = HEADS[class_name].plan(encoder_channels, num_classes, guide, input_channels=input_channels,
+    kwargs = head_class(class_name).plan(encoder_channels, num_classes, guide, input_channels=input_channels,
                                     voxel_ml=voxel_ml, **overrides)
     return {"class_name": class_name, "kwargs": _plain(kwargs)}
 
 
 def build_head(spec: dict) -> nn.Module:
     """The one builder: ``HEADS[spec['class_name']](**spec['kwargs'])``."""
-    if spec.get("class_name") not in HEADS:
-        raise InputError(f"unknown classification head '{spec.get('class_name')}'; known heads: {', '.join(HEADS)}")
-    return HEADS[spec["class_name"]](**spec["kwargs"])
+    return head_class(spec.get("class_name"))(**spec["kwargs"])
 
 
 def head_spec_from_checkpoint(entry: dict) -> dict:
@@ -393,9 +398,8 @@ def guide_summary(segmentation, spacing, labels: Sequence[int]) -> Dict[str, flo
     exported label map with voxel ``spacing`` (mm); empty for a head without a guide (no ``labels``)."""
     if not labels:
         return {}
-    voxels = int(np.isin(segmentation, list(labels)).sum())
-    return {"guide_ml": round(voxels * float(np.prod([float(s) for s in spacing])) / 1000.0, 4),
-            "no_guide": 0.0 if voxels else 1.0}
+    volume = labels_volume_ml(segmentation, spacing, labels)
+    return {"guide_ml": round(volume, 4), "no_guide": 0.0 if volume > 0 else 1.0}
 
 
 def _channel_of(label_manager, dataset_json: dict, guide: Union[str, int]) -> int:

@@ -239,3 +239,9 @@ def _decompressed_size(path: str):
                 started = True
                 chunk = decompressor.unused_data if decompressor.eof else b""
     return decompressor.eof, total
+
+
+def labels_volume_ml(label_map: np.ndarray, spacing, labels) -> float:
+    """Millilitres of the voxels of ``label_map`` holding any of ``labels``, at voxel ``spacing`` (mm)."""
+    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
+    return float(np.isin(label_map, list(labels)).sum()) * voxel_ml

@@ -126,7 +126,5 @@ class MultitasknnUNetTrainer_ClsBenchSegNeutral(MultitasknnUNetTrainer_ClsBench)
     ever reaches the encoder or decoder. The package refuses a schedule whose joint phase never comes, so this
     control sets its curriculum itself."""
 
-    def resolve_curriculum(self):
-        curriculum = super().resolve_curriculum()._replace(phase1_epochs=self.num_epochs)
-        self.phase1_epochs = self.num_epochs
-        return curriculum
+    def curriculum(self):
+        return super().curriculum()._replace(phase1_epochs=self.num_epochs)

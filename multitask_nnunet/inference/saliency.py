@@ -58,7 +58,7 @@ def class_activation_map(predictor, data: torch.Tensor, class_index: int, stage:
     head = module.classification_head
     cams, pools = [], []
     with _pooling_weights_kept(head) as keeps_weights, torch.inference_mode(False), torch.enable_grad():
-        decision = method == "decision" and keeps_weights and bool(getattr(head, "branches", None))
+        decision = method == "decision" and keeps_weights and bool(head.branches)
         x = data.to(predictor.device).clone()  # a normal tensor (the prepared one may be an inference tensor)
         padded, revert = pad_nd_image(x, predictor.configuration_manager.patch_size, "constant", {"value": 0}, True,
                                       module.divisibility())
@@ -132,9 +132,7 @@ def _pooling_weights_kept(head):
     try:
         yield True
     finally:
-        head.keep_pooling_weights, head.last_pooling_weights = False, None
-        if hasattr(head, "last_context_weights"):
-            head.last_context_weights = None
+        head.keep_pooling_weights, head.last_pooling_weights, head.last_context_weights = False, None, None
 
 
 def segmentation_entropy(logits: torch.Tensor, has_regions: bool) -> torch.Tensor:

@@ -33,6 +33,7 @@ import numpy as np
 from multitask_nnunet.atomic import owner_is_gone, owner_tag
 from multitask_nnunet.errors import InputError, WriteError
 from multitask_nnunet.inference.options import PredictorOptions
+from multitask_nnunet.nifti import labels_volume_ml
 from multitask_nnunet.serve.options import ServeOptions
 from multitask_nnunet.serve.uploads import ServiceError, Upload, assign_channels
 from multitask_nnunet.serve.viewer import Views
@@ -57,12 +58,11 @@ def remove_leftover_folders(parent: str) -> List[str]:
 
 def volumes_ml(segmentation: np.ndarray, spacing, labels: dict) -> Dict[str, float]:
     """Millilitres per label or region of dataset.json (a region: the voxels holding any of its labels)."""
-    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
     volumes = {}
     for name, value in labels.items():
         values = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         if any(values):
-            volumes[name] = round(float(np.isin(segmentation, values).sum()) * voxel_ml, 4)
+            volumes[name] = round(labels_volume_ml(segmentation, spacing, values), 4)
     return volumes
 
 

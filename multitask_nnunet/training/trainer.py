@@ -54,7 +54,7 @@ from multitask_nnunet.class_csv import write_class_csvs
 from multitask_nnunet.class_labels import class_labels_for_cases, class_weights, read_class_labels
 from multitask_nnunet.errors import InputError, WriteError
 from multitask_nnunet.evaluation.metrics import classification_metrics, mean_probabilities_per_case
-from multitask_nnunet.heads import DEFAULT_HEAD, HEADS, area_resize, build_head, plan_head, resolve_guide
+from multitask_nnunet.heads import DEFAULT_HEAD, area_resize, build_head, head_class, plan_head, resolve_guide
 from multitask_nnunet.nnunet_copies import follows
 from multitask_nnunet.network import MultitaskUNet, merge_state_dict, split_state_dict
 from multitask_nnunet.training.logger import MultitaskLocalLogger
@@ -227,13 +227,16 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
     def _dataset_json_path(self) -> str:
         return join(self.preprocessed_dataset_folder_base, 'dataset.json')
 
-    def resolve_curriculum(self) -> Curriculum:
-        """This trainer's curriculum for its ``num_epochs`` (see the class attributes); sets the ``*_epochs``
-        attributes to the resolved values."""
-        curriculum = resolve_curriculum(
+    def curriculum(self) -> Curriculum:
+        """This trainer's curriculum for its ``num_epochs`` (see the class attributes), checked."""
+        return resolve_curriculum(
             self.num_epochs, self.seg_warmup_fraction, self.phase1_fraction, self.seg_warmup_epochs,
             self.phase1_epochs, self.head_warmup_fraction, self.head_warmup_epochs, self.best_weight_ramp_fraction,
             self.best_weight_ramp_epochs)
+
+    def resolve_curriculum(self) -> Curriculum:
+        """``curriculum()``, with the ``*_epochs`` attributes set to its values."""
+        curriculum = self.curriculum()
         for name, value in curriculum._asdict().items():
             setattr(self, name, value)
         return curriculum
@@ -275,15 +278,15 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
                                  num_output_channels: int, enable_deep_supervision: bool = True) -> MultitaskUNet:
         segmentation_network = type(self).build_network_architecture(
             plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
-        if self.head_class not in HEADS:
-            raise SystemExit(f"{type(self).__name__}: head_class {self.head_class!r}: not a registered head "
-                             f"({', '.join(HEADS)})")
-        guide = resolve_guide(self.label_manager, self.dataset_json, self.head_guide) \
-            if HEADS[self.head_class].uses_guide else None
-        voxel_ml = float(np.prod(configuration_manager.spacing)) / 1000.0
-        self.head_spec = plan_head(self.head_class, segmentation_network.encoder.output_channels,
-                                   self.class_labels.num_classes, guide, input_channels=num_input_channels,
-                                   voxel_ml=voxel_ml, **self.head_kwargs)
+        try:  # an unknown head or guide: one line (nnUNetv2_train prints a SystemExit's message)
+            guide = resolve_guide(self.label_manager, self.dataset_json, self.head_guide) \
+                if head_class(self.head_class).uses_guide else None
+            voxel_ml = float(np.prod(configuration_manager.spacing)) / 1000.0
+            self.head_spec = plan_head(self.head_class, segmentation_network.encoder.output_channels,
+                                       self.class_labels.num_classes, guide, input_channels=num_input_channels,
+                                       voxel_ml=voxel_ml, **self.head_kwargs)
+        except InputError as e:
+            raise SystemExit(f"{type(self).__name__}: {e}") from None
         return MultitaskUNet(segmentation_network, build_head(self.head_spec))
 
     def _unwrapped_network(self) -> MultitaskUNet:
@@ -312,7 +315,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
     def _guide_mask(self, target) -> Union[torch.Tensor, None]:
         """(B, 1, *spatial) bool ground-truth mask of the head's guide structure at the segmentation's full
         resolution; None when the head has no guide."""
-        if not HEADS[self.head_spec['class_name']].uses_guide:
+        if not head_class(self.head_spec['class_name']).uses_guide:
             return None
         target = target[0] if isinstance(target, (list, tuple)) else target
         channels = self.head_spec['kwargs']['guide_channels']
@@ -491,7 +494,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         self.print_to_log_file('train_loss', np.round(get('train_losses'), 4),
                                'seg', np.round(get('train_seg_losses'), 4), 'cls', np.round(get('train_cls_losses'), 4))
         self.print_to_log_file('val_loss', np.round(get('val_losses'), 4))
-        if HEADS[self.head_spec['class_name']].uses_guide:
+        if head_class(self.head_spec['class_name']).uses_guide:
             self.print_to_log_file('Head pooling weight on the ground-truth guide structure (train):',
                                    np.round(get('train_guide_share'), 4))
         self.print_to_log_file('Pseudo dice', [np.round(i, decimals=4) for i in get('dice_per_class_or_region')])

@@ -58,12 +58,9 @@ class MultitasknnUNetTrainer_TestSeeded(MultitasknnUNetTrainer):
     and checked."""
     seed = 0
 
-    def resolve_curriculum(self):
+    def curriculum(self):
         from multitask_nnunet.training.trainer import Curriculum
-        curriculum = Curriculum(seg_warmup_epochs=1, phase1_epochs=2, head_warmup_epochs=1, best_weight_ramp_epochs=1)
-        for name, value in curriculum._asdict().items():
-            setattr(self, name, value)
-        return curriculum
+        return Curriculum(seg_warmup_epochs=1, phase1_epochs=2, head_warmup_epochs=1, best_weight_ramp_epochs=1)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
