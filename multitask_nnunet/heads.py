@@ -26,7 +26,8 @@ is the network's input of that pass (B, C_in, *spatial), nnU-Net-normalised. Hea
 Adding a head: subclass ``ClassificationHead``, give it a ``plan`` classmethod, and register it in ``HEADS``
 (``register_head``).
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -73,12 +74,39 @@ class ClassificationHead(nn.Module):
         #: branch, kept like ``last_pooling_weights``
         self.branches: Dict[str, slice] = {}
         self.last_context_weights: Optional[torch.Tensor] = None
+        self._records: Optional[list] = None  # see ``recording``
 
     @classmethod
     def plan(cls, encoder_channels: Sequence[int], num_classes: int, guide: Optional[dict] = None,
              input_channels: int = 1, voxel_ml: float = 1e-3, **overrides) -> dict:
         """The complete kwargs of this head for a network (``input_channels``, ``voxel_ml``: the volume of one
         voxel of the configuration's spacing, in mL), with ``overrides`` applied."""
+        raise NotImplementedError
+
+    def parameter_groups(self) -> List[dict]:
+        """The head's parameters for its optimizer, as torch param groups; a group's ``lr_scale`` multiplies the
+        head's learning rate for it (default: one group, scale 1)."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+
+    def refit_passes(self) -> List[Tuple[float, ContextManager]]:
+        """What the trainer runs after the last epoch for a head that refits part of itself on the training
+        cases (empty: no refit). Per pass, a sample weight and a context in which the trainer predicts every
+        training case once (whole volume, no augmentation) while the head records what it needs
+        (``recording``); then it calls ``refit``."""
+        return []
+
+    @contextmanager
+    def recording(self):
+        """Yields the list into which ``forward`` appends one record per call (heads that refit)."""
+        self._records = []
+        try:
+            yield self._records
+        finally:
+            self._records = None
+
+    def refit(self, passes: List[Tuple[float, list]], labels: Sequence[int], class_weights: torch.Tensor) -> str:
+        """Refit from ``(weight, records)`` per pass of ``refit_passes`` (records in the order of ``labels``, the
+        training cases' classes); returns a line for the training log."""
         raise NotImplementedError
 
     def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: Optional[torch.Tensor] = None,
@@ -126,6 +154,14 @@ class SegGuidedHead(ClassificationHead):
       structures: log volume (mL, ``voxel_ml`` per voxel) of the guide and of the organ, the guide's share of
       the organ, whether a guide was found, and per input channel the mean and spread of intensity in the
       guide, its rim (up to 2 voxels outside it) and the organ without the guide.
+    - ``descriptor_logits``: the descriptors get a branch of their own instead of joining the MLP's input:
+      standardised feature by feature with running statistics (``RunningStandardizer``; a statistic of a
+      structure that was not predicted is imputed at its mean, the found flag says it is missing), then one
+      linear layer to class logits, added to the MLP's. This is a logistic regression on what a radiologist
+      reads, learnt at ``DESCRIPTOR_LR_SCALE`` times the head's learning rate, and refitted after the last
+      epoch (``refit``): the training cases as the final network segments them at inference, without nnU-Net's
+      augmentation (which shifts intensities by up to a quarter), each once more with its guide removed
+      (weight ``guide_dropout``), the rest of the head held fixed.
     - ``guide_dropout``: in training, each case's predicted guide is dropped with this probability, so the head
       also learns to answer as if the lesion had been missed (guide found = 0, the guide branch on the organ).
 
@@ -134,13 +170,14 @@ class SegGuidedHead(ClassificationHead):
     """
     uses_guide = True
     RIM_VOXELS = 2
+    DESCRIPTOR_LR_SCALE = 10.0
 
     def __init__(self, encoder_channels: Sequence[int], num_classes: int, guide_channels: Sequence[int],
                  foreground_channels: Sequence[int], guide_activation: str = "sigmoid",
                  pool_stages: Optional[Sequence[int]] = None, hidden: Sequence[int] = (128,), dropout: float = 0.3,
                  min_guide_voxels: float = 1.0, attention: bool = False, context: bool = False,
                  descriptors: bool = False, guide_dropout: float = 0.0, input_channels: int = 1,
-                 voxel_ml: float = 1e-3):
+                 voxel_ml: float = 1e-3, descriptor_logits: bool = False):
         super().__init__()
         if guide_activation not in ("sigmoid", "softmax"):
             raise ValueError(f"guide_activation must be 'sigmoid' or 'softmax', got {guide_activation!r}")
@@ -157,8 +194,19 @@ class SegGuidedHead(ClassificationHead):
         self.input_channels = int(input_channels)
         self.voxel_ml = float(voxel_ml)
         self.num_descriptors = (4 + 6 * self.input_channels) if descriptors else 0
+        if descriptor_logits and not descriptors:
+            raise ValueError("descriptor_logits needs descriptors=True")
         stage_channels = [int(encoder_channels[s]) for s in self.pool_stages]
-        pooled = sum(stage_channels) * (2 if self.context else 1) + int(encoder_channels[-1]) + self.num_descriptors
+        pooled = sum(stage_channels) * (2 if self.context else 1) + int(encoder_channels[-1])
+        self.standardizer = self.descriptor_linear = None
+        self._remove_guide = False  # see ``guide_removed``
+        if descriptor_logits:
+            self.standardizer = RunningStandardizer(self.num_descriptors)
+            self.descriptor_linear = nn.Linear(self.num_descriptors, num_classes)
+            nn.init.zeros_(self.descriptor_linear.weight)  # no say until it has learnt
+            nn.init.zeros_(self.descriptor_linear.bias)
+        else:
+            pooled += self.num_descriptors
         self.attention = None
         if attention:
             self.attention = nn.ModuleList(nn.Linear(c, 1) for c in stage_channels)
@@ -176,13 +224,23 @@ class SegGuidedHead(ClassificationHead):
              input_channels: int = 1, voxel_ml: float = 1e-3, **overrides) -> dict:
         if guide is None:
             raise ValueError("SegGuidedHead needs a guide (see resolve_guide)")
-        return {"encoder_channels": [int(c) for c in encoder_channels], "num_classes": int(num_classes),
-                "guide_channels": list(guide["guide_channels"]),
-                "foreground_channels": list(guide["foreground_channels"]),
-                "guide_activation": guide["guide_activation"], "pool_stages": None, "hidden": [128],
-                "dropout": 0.3, "min_guide_voxels": 1.0, "attention": True, "context": True, "descriptors": True,
-                "guide_dropout": 0.25, "input_channels": int(input_channels), "voxel_ml": float(voxel_ml),
-                **overrides}
+        kwargs = {"encoder_channels": [int(c) for c in encoder_channels], "num_classes": int(num_classes),
+                  "guide_channels": list(guide["guide_channels"]),
+                  "foreground_channels": list(guide["foreground_channels"]),
+                  "guide_activation": guide["guide_activation"], "pool_stages": None, "hidden": [128],
+                  "dropout": 0.3, "min_guide_voxels": 1.0, "attention": True, "context": True, "descriptors": True,
+                  "guide_dropout": 0.25, "input_channels": int(input_channels), "voxel_ml": float(voxel_ml),
+                  **overrides}
+        # the descriptors' own branch unless asked otherwise; none without descriptors
+        kwargs["descriptor_logits"] = bool(overrides.get("descriptor_logits", kwargs["descriptors"]))
+        return kwargs
+
+    def parameter_groups(self) -> List[dict]:
+        if self.descriptor_linear is None:
+            return super().parameter_groups()
+        own = {id(p) for p in self.descriptor_linear.parameters()}
+        return [{"params": [p for p in self.parameters() if id(p) not in own], "lr_scale": 1.0},
+                {"params": list(self.descriptor_linear.parameters()), "lr_scale": self.DESCRIPTOR_LR_SCALE}]
 
     def _probability(self, probabilities: torch.Tensor, channels: List[int]) -> torch.Tensor:
         selected = probabilities[:, channels]
@@ -225,6 +283,8 @@ class SegGuidedHead(ClassificationHead):
 
     def forward(self, skips, segmentation_logits, image=None):
         guide, organ = self.predicted_structures(segmentation_logits)
+        if self._remove_guide:
+            guide = torch.zeros_like(guide)
         if self.training and self.guide_dropout > 0:
             kept = torch.rand(guide.shape[0], device=guide.device) >= self.guide_dropout
             guide = guide * kept.view(-1, *([1] * (guide.ndim - 1)))
@@ -249,11 +309,103 @@ class SegGuidedHead(ClassificationHead):
                 if self.context:
                     organ_pooled.append(_weighted_mean(flat, area_resize(organ_weights, features.shape[2:]).flatten(1)))
         pooled = guide_pooled + organ_pooled + [_spatial_mean(skips[-1])]
-        if self.num_descriptors:
-            if image is None:
-                raise ValueError("SegGuidedHead(descriptors=True) needs the network's input image")
-            pooled.append(self.describe(image, guide, organ))
-        return self.mlp(torch.cat(pooled, 1))
+        if not self.num_descriptors:
+            return self.mlp(torch.cat(pooled, 1))
+        if image is None:
+            raise ValueError("SegGuidedHead(descriptors=True) needs the network's input image")
+        descriptors = self.describe(image, guide, organ)
+        if self.descriptor_linear is None:
+            return self.mlp(torch.cat(pooled + [descriptors], 1))
+        presence = self.descriptor_presence(guide, organ)
+        mlp_logits = self.mlp(torch.cat(pooled, 1))
+        if self._records is not None:
+            self._records.append((descriptors.detach().float().cpu(), presence.cpu(),
+                                  mlp_logits.detach().float().cpu()))
+        return mlp_logits + self.descriptor_linear(self.standardizer(descriptors, presence))
+
+    def refit_passes(self) -> List[Tuple[float, ContextManager]]:
+        if self.descriptor_linear is None:
+            return []
+        if self.guide_dropout == 0:
+            return [(1.0, nullcontext())]
+        return [(1.0 - self.guide_dropout, nullcontext()), (self.guide_dropout, self.guide_removed())]
+
+    @contextmanager
+    def guide_removed(self):
+        """Within it, the head reads every case as if its guide had been missed (as guide dropout does)."""
+        self._remove_guide = True
+        try:
+            yield
+        finally:
+            self._remove_guide = False
+
+    def refit(self, passes: List[Tuple[float, list]], labels: Sequence[int], class_weights: torch.Tensor) -> str:
+        """The descriptor branch refitted as a logistic regression: the standardiser's statistics set to those of
+        the first pass's measured values, then the linear layer fitted by L-BFGS to the class-weighted
+        cross-entropy of ``MLP logits + linear(standardised descriptors)`` over all passes' records, each
+        weighted by its pass, with an L2 penalty of ``|W|^2 / (2 N)`` (N cases: scikit-learn's C = 1)."""
+        def stacked(records, i):
+            return torch.cat([r[i] for r in records]).clone()  # clone: the records may be inference tensors
+
+        y = torch.as_tensor(list(labels), dtype=torch.long)
+        first = passes[0][1]
+        values, present = stacked(first, 0), stacked(first, 1).float()
+        n = present.sum(0)
+        mean = (values * present).sum(0) / n.clamp_min(1)
+        var = ((values - mean) ** 2 * present).sum(0) / n.clamp_min(1)
+        device = self.standardizer.mean.device
+        with torch.no_grad():
+            self.standardizer.mean.copy_(torch.where(n > 0, mean, self.standardizer.mean.cpu()).to(device))
+            self.standardizer.var.copy_(torch.where(n > 1, var, self.standardizer.var.cpu()).to(device))
+            self.standardizer.count.copy_(n.to(device))
+        standardizer = self.standardizer.cpu().eval()
+        z = torch.cat([standardizer(stacked(r, 0), stacked(r, 1)) for _, r in passes])
+        offsets = torch.cat([stacked(r, 2) for _, r in passes])
+        targets = y.repeat(len(passes))
+        weights = torch.cat([torch.full((len(y),), float(w)) for w, _ in passes]) * \
+            class_weights.detach().float().cpu()[targets]
+        weight = self.descriptor_linear.weight.detach().float().cpu().clone().requires_grad_(True)
+        bias = self.descriptor_linear.bias.detach().float().cpu().clone().requires_grad_(True)
+
+        def loss_of(w, b):
+            ce = F.cross_entropy(offsets + z @ w.T + b, targets, reduction="none")
+            return (weights * ce).sum() / weights.sum() + (w ** 2).sum() / (2 * len(y))
+
+        with torch.no_grad():
+            before = float(loss_of(weight, bias))
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_of(weight, bias)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        with torch.no_grad():
+            after = float(loss_of(weight, bias))
+        self.standardizer.to(device)
+        with torch.no_grad():
+            self.descriptor_linear.weight.copy_(weight.detach().to(self.descriptor_linear.weight.device))
+            self.descriptor_linear.bias.copy_(bias.detach().to(self.descriptor_linear.bias.device))
+        accuracy = float(((offsets[:len(y)] + z[:len(y)] @ weight.detach().T + bias.detach()).argmax(1) == y)
+                         .float().mean())
+        return (f"descriptor branch refitted on {len(y)} training cases ({len(passes) - 1} more pass(es) with the "
+                f"guide removed): weighted loss {before:.4f} -> {after:.4f}, training accuracy {accuracy:.4f}")
+
+    @torch.no_grad()
+    def descriptor_presence(self, guide: torch.Tensor, organ: torch.Tensor) -> torch.Tensor:
+        """(B, D) bool: which of ``describe``'s values were measured (a structure's statistics need the structure;
+        the organ's volume and the found flag always count)."""
+        lesion, organ = guide > 0, organ > 0
+        found = self._found(lesion)  # the guide's own statistics and those of its rim
+        structures = [found, found, (organ & ~lesion).flatten(1).any(1)]
+        always = torch.ones_like(found)
+        columns = [found, always, found, always]
+        for present in structures:  # mean and spread per input channel
+            columns += [present] * (2 * self.input_channels)
+        return torch.stack(columns, 1)
 
     @torch.no_grad()
     def describe(self, image: torch.Tensor, guide: torch.Tensor, organ: torch.Tensor) -> torch.Tensor:
@@ -278,6 +430,43 @@ class SegGuidedHead(ClassificationHead):
             present = (m.sum(2) > 0).float()
             columns += list((mean * present).unbind(1)) + list((spread * present).unbind(1))
         return torch.stack(columns, 1)
+
+
+class RunningStandardizer(nn.Module):
+    """Feature-wise standardisation by running statistics, ``(x - mean) / sd`` clipped to +-``clip``, where a
+    value that was not measured (``present`` False) becomes 0, its mean.
+
+    In training, each batch's present values update the statistics: a cumulative average at first, then an
+    exponential one with weight ``momentum``, so that they follow the features as the segmentation they are
+    measured on improves. Unlike batch norm it does not depend on the batch (nnU-Net's batches hold 2 cases),
+    and evaluation uses the same statistics as training's last steps."""
+
+    def __init__(self, num_features: int, momentum: float = 0.01, min_sd: float = 1e-2, clip: float = 5.0):
+        super().__init__()
+        self.momentum, self.min_sd, self.clip = float(momentum), float(min_sd), float(clip)
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("var", torch.ones(num_features))
+        self.register_buffer("count", torch.zeros(num_features))
+
+    def forward(self, values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        values, present = values.float(), present.float()
+        if self.training:
+            self._update(values, present)
+        sd = self.var.sqrt().clamp_min(self.min_sd)
+        return ((values - self.mean) / sd).clamp(-self.clip, self.clip) * present
+
+    @torch.no_grad()
+    def _update(self, values: torch.Tensor, present: torch.Tensor) -> None:
+        n = present.sum(0)
+        seen = n > 0
+        mean = (values * present).sum(0) / n.clamp_min(1)
+        var = ((values - mean) ** 2 * present).sum(0) / n.clamp_min(1)
+        rate = torch.where(seen, (n / (self.count + n).clamp_min(1)).clamp_min(self.momentum), torch.zeros_like(n))
+        delta = mean - self.mean
+        self.var.copy_(torch.where(self.count + n > 0, (1 - rate) * self.var + rate * var
+                                   + rate * (1 - rate) * delta ** 2, self.var))
+        self.mean.add_(rate * delta)
+        self.count.add_(n)
 
 
 def _weighted_mean(flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

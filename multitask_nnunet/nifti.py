@@ -30,7 +30,7 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import nibabel
 import numpy as np
@@ -48,6 +48,18 @@ def channel_pattern(*file_endings: str) -> "re.Pattern":
     """``<case>_XXXX<ending>`` for any of ``file_endings`` (``""``: a name without its ending), to be used with
     ``fullmatch``: groups case, channel (4 digits), ending."""
     return re.compile(r"(.+)_(\d{4})(" + "|".join(re.escape(e) for e in file_endings) + ")")
+
+
+def describe_channels(channel_names: Dict[str, str]) -> str:
+    """dataset.json's ``channel_names`` as the messages name them: ``0000=CT, 0001=T2``."""
+    return ", ".join(f"{int(k):04d}={v}" for k, v in sorted(channel_names.items(), key=lambda kv: int(kv[0])))
+
+
+def channel_gaps(present, expected: int) -> Tuple[List[int], List[int]]:
+    """(missing, unexpected) channel indices of a case whose files carry the indices ``present``, for a model of
+    ``expected`` channels (0 .. expected - 1)."""
+    present = set(int(c) for c in present)
+    return [c for c in range(expected) if c not in present], sorted(c for c in present if c >= expected)
 
 
 # ---------------------------------------------------------------------------------------------- voxel grids

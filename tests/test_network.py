@@ -93,8 +93,12 @@ def test_gap_head_follows_the_reference_design():
 def test_seg_guided_head_pools_stages_one_on_plus_bottleneck():
     head = multitask("PlainConvUNet", 3).classification_head
     assert head.pool_stages == [1, 2]
-    # stages 1 and 2 by the guide and by the organ, the bottleneck's global average, 4 + 6 descriptors (1 channel)
-    assert head.mlp[0].normalized_shape == (2 * (8 + 16) + 16 + 10,)
+    # stages 1 and 2 by the guide and by the organ, the bottleneck's global average; the 4 + 6 descriptors (1
+    # channel) in their own branch
+    assert head.mlp[0].normalized_shape == (2 * (8 + 16) + 16,)
+    assert head.descriptor_linear.in_features == 10
+    inline = multitask("PlainConvUNet", 3, descriptor_logits=False).classification_head
+    assert inline.mlp[0].normalized_shape == (2 * (8 + 16) + 16 + 10,) and inline.descriptor_linear is None
     plain = multitask("PlainConvUNet", 3, context=False, descriptors=False).classification_head
     assert plain.mlp[0].normalized_shape == (8 + 16 + 16,)
 
@@ -336,3 +340,96 @@ def test_checkpoints_with_retired_head_options_at_their_off_value_still_load():
 
 def test_divisibility_is_product_of_strides():
     assert multitask("PlainConvUNet", 3).divisibility() == (4, 4, 4)
+
+
+def test_running_standardizer_learns_the_statistics_of_present_values_only():
+    """Standardised by running mean and sd; absent values give 0 (their mean) and do not move the statistics;
+    evaluation does not update them."""
+    from multitask_nnunet.heads import RunningStandardizer
+    torch.manual_seed(0)
+    standardizer = RunningStandardizer(2).train()
+    for _ in range(400):
+        values = torch.randn(2, 2) * torch.tensor([3.0, 0.5]) + torch.tensor([5.0, -1.0])
+        present = torch.tensor([[True, True], [True, False]])
+        values[1, 1] = 1000.0  # not measured: must not count
+        out = standardizer(values, present)
+        assert float(out[1, 1]) == 0.0
+    torch.testing.assert_close(standardizer.mean, torch.tensor([5.0, -1.0]), atol=0.8, rtol=0)
+    torch.testing.assert_close(standardizer.var.sqrt(), torch.tensor([3.0, 0.5]), atol=0.8, rtol=0)
+    assert standardizer.count.tolist() == [800.0, 400.0]
+    standardizer.eval()
+    before = standardizer.mean.clone()
+    out = standardizer(torch.tensor([[5.0, 100.0]]), torch.tensor([[True, True]]))
+    assert torch.equal(standardizer.mean, before) and float(out[0, 1]) == standardizer.clip
+
+
+def test_seg_guided_head_descriptor_branch_is_a_fast_logistic_layer_on_standardised_descriptors():
+    """``descriptor_logits``: the descriptors' own linear layer, zero at first, in a parameter group at
+    DESCRIPTOR_LR_SCALE; a missed guide leaves its statistics at 0 after standardisation (imputed at the mean)."""
+    head = _guided_head(descriptors=True, descriptor_logits=True)
+    assert float(head.descriptor_linear.weight.detach().abs().sum()) == 0.0
+    groups = head.parameter_groups()
+    assert [g["lr_scale"] for g in groups] == [1.0, SegGuidedHead.DESCRIPTOR_LR_SCALE]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in head.descriptor_linear.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(head.parameters()))
+    logits, image = _quiz_like_case()
+    missed = logits.clone()
+    missed[:, 1] = -30.0
+    features = [torch.randn(1, 1, 8, 16, 16)]
+    standardised = []
+    head.standardizer.register_forward_hook(lambda m, args, out: standardised.append(out.detach()))
+    head.train()
+    for _ in range(3):
+        head(features, logits, image)
+    head(features, missed, image)
+    present = head.descriptor_presence(*head.predicted_structures(missed))[0]
+    assert present.tolist() == [False, True, False, True] + [False] * 4 + [True] * 2
+    assert float(standardised[-1][0][~present].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="descriptor_logits needs descriptors"):
+        _guided_head(descriptor_logits=True)
+
+
+def test_seg_guided_head_refit_fits_the_descriptor_branch_and_the_missed_guide_mode():
+    """``refit``: the standardiser takes the first pass's statistics and the linear layer becomes a logistic
+    regression on top of the MLP's logits: it learns a class signal in the guide's statistics, and from the pass
+    with the guide removed, one in the organ's; a case without a guide then gets a less confident answer."""
+    torch.manual_seed(0)
+    head = _guided_head(descriptors=True, descriptor_logits=True, guide_dropout=0.25).eval()
+    head.mlp[-1].weight.data.zero_()
+    head.mlp[-1].bias.data.zero_()  # the MLP says nothing: the refit alone must tell the classes
+    assert [w for w, _ in head.refit_passes()] == [0.75, 0.25]
+    n = 90
+    labels = torch.arange(n) % 2
+
+    def records(removed):
+        out = []
+        for y in labels.tolist():
+            values = torch.randn(1, 10) * 0.3
+            values[0, 8] += 0.5 * y  # the parenchyma's mean: a weak signal, always measured
+            present = torch.ones(1, 10, dtype=torch.bool)
+            if removed:
+                present[0, [0, 2, 4, 5, 6, 7]] = False
+            else:
+                values[0, 4] += 2.0 * y  # the guide's mean: a strong one
+            out.append((values, present, torch.zeros(1, 2)))
+        return out
+
+    found, missed = records(False), records(True)
+    message = head.refit([(0.75, found), (0.25, missed)], labels.tolist(), torch.ones(2))
+    assert "refitted on 90 training cases" in message
+    torch.testing.assert_close(float(head.standardizer.mean[4]), float(torch.cat([r[0] for r in found])[:, 4].mean()))
+    weight = head.descriptor_linear.weight.detach()
+    assert float(weight[1, 4] - weight[0, 4]) > 1.0 and float(weight[1, 8] - weight[0, 8]) > 0.3
+
+    def probabilities(rows):
+        values, present = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+        return torch.softmax(head.descriptor_linear(head.standardizer(values, present)), 1).detach()
+
+    p_found, p_missed = probabilities(found), probabilities(missed)
+    assert float((p_found.argmax(1) == labels).float().mean()) > 0.9
+    assert float((p_missed.argmax(1) == labels).float().mean()) > 0.6
+    assert float(p_missed.max(1).values.mean()) < float(p_found.max(1).values.mean())
+    with head.guide_removed():
+        assert head._remove_guide
+    assert not head._remove_guide
+    assert _guided_head(descriptors=True).refit_passes() == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cli import Started, nnunet, ours, run, run_at_once
-from multitask_nnunet.heads import HEADS
+from multitask_nnunet.heads import HEADS, SegGuidedHead
 from conftest import CONFIG, DATASET_ID, PLANS, TRAINER, load_json, nnunet_env
 
 
@@ -31,10 +31,16 @@ def test_checkpoint_holds_head_and_stock_weights(trained):
     assert head["state_dict"]["mlp.4.weight"].shape == (3, 128)  # LayerNorm, Linear, ReLU, Dropout, Linear
     assert not any(k.startswith("classification_head") for k in checkpoint["network_weights"])
     assert checkpoint["trainer_name"] == TRAINER and "training_phase" not in checkpoint
-    # two optimizers: nnU-Net's SGD without the head, the head's own AdamW
+    # two optimizers: nnU-Net's SGD without the head, the head's own AdamW over the head's parameter groups,
+    # the descriptors' linear layer at DESCRIPTOR_LR_SCALE times the head's learning rate
     head_state = checkpoint["head_optimizer_state"]
-    n_head = len(head["state_dict"])
-    assert len(head_state["param_groups"][0]["params"]) == n_head and len(head_state["state"]) == n_head
+    n_head = len([k for k in head["state_dict"] if not k.startswith("standardizer.")])  # its buffers: no parameters
+    groups = head_state["param_groups"]
+    assert [len(g["params"]) for g in groups] == [n_head - 2, 2] and len(head_state["state"]) == n_head
+    assert [g["lr_scale"] for g in groups] == [1.0, SegGuidedHead.DESCRIPTOR_LR_SCALE]
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * SegGuidedHead.DESCRIPTOR_LR_SCALE)
+    # the statistics were collected in training: the organ's volume (column 1) is measured in every case
+    assert int(head["state_dict"]["standardizer.count"][1]) > 0
     # nnU-Net's decoder holds the encoder, so its keys appear twice in the state dict: count tensors, not keys
     n_seg = len({v.data_ptr() for v in checkpoint["network_weights"].values()})
     assert len(checkpoint["optimizer_state"]["param_groups"][0]["params"]) == n_seg
@@ -47,6 +53,10 @@ def test_log_shows_f1_and_progress_png_exists(trained):
                   "Phase 2: joint training"):
         assert phase in log
     assert "training-fold counts [6, 6, 6]" in log  # class balance counted on the training fold only
+    # after the last epoch, before checkpoint_final.pth: the descriptor branch refitted on the fold's 18 training
+    # cases, once more with the guide removed
+    refit = log.index("Head refit: descriptor branch refitted on 18 training cases (1 more pass(es) with the guide")
+    assert log.index("Epoch 11") < refit < log.index("Training done.")
     assert "Head pooling weight on the ground-truth guide structure (train):" in log
     # one value per epoch; it measures where the head pooled, so it lies in [0, 1] once there is a lesion
     logging = torch.load(trained.fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]

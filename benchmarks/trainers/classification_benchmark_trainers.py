@@ -19,6 +19,8 @@ package's curriculum, in fractions of ``num_epochs``, scales with it by itself:
   the classification reference.
 - ``MultitasknnUNetTrainer_ClsBenchPrevious``: the guided head as it was before the organ context, the
   descriptors and guide dropout (attention within the guide only): the pairing for those three.
+- ``MultitasknnUNetTrainer_ClsBenchDescriptorsInMLP``: the default with the descriptors among the MLP's inputs
+  instead of their own branch (``descriptor_logits``): the pairing for that branch.
 - ``MultitasknnUNetTrainer_ClsBenchNoContext``, ``_ClsBenchNoDescriptors``, ``_ClsBenchNoGuideDropout``: the
   default without one of the three.
 - ``MultitasknnUNetTrainer_ClsBenchNoAttn``: the default without attention within the guide.
@@ -41,7 +43,8 @@ from multitask_nnunet.training.seeding import SeededTraining
 
 __all__ = ["nnUNetTrainer_ClsBench", "nnUNetTrainer_ClsBenchRepeat", "MultitasknnUNetTrainer_ClsBenchGAP",
            "MultitasknnUNetTrainer_ClsBench", "MultitasknnUNetTrainer_ClsBenchRepeat",
-           "MultitasknnUNetTrainer_ClsBenchPrevious", "MultitasknnUNetTrainer_ClsBenchNoContext",
+           "MultitasknnUNetTrainer_ClsBenchPrevious", "MultitasknnUNetTrainer_ClsBenchDescriptorsInMLP",
+           "MultitasknnUNetTrainer_ClsBenchNoContext",
            "MultitasknnUNetTrainer_ClsBenchNoDescriptors", "MultitasknnUNetTrainer_ClsBenchNoGuideDropout",
            "MultitasknnUNetTrainer_ClsBenchNoAttn", "MultitasknnUNetTrainer_ClsBenchSegNeutral"]
 
@@ -92,17 +95,26 @@ class MultitasknnUNetTrainer_ClsBenchGAP(MultitasknnUNetTrainer_ClsBench):
     """The first design: GAP of the bottleneck, the head in nnU-Net's SGD, one global clip at 1.0, loss weights
     1.0 then 0.3, no segmentation warm-up, phase switch at a quarter of the epochs."""
     head_class = "GAPHead"
-    separate_head_optimizer = False
     grad_clip_norm = 1.0
     phase1_cls_weight = 1.0
     phase2_cls_weight = 0.3
     seg_warmup_fraction = 0.0
     phase1_fraction = 0.25
 
+    def configure_optimizers(self):
+        self.head_optimizer = None  # the head in nnU-Net's SGD (its configure_optimizers sees every parameter)
+        return nnUNetTrainer.configure_optimizers(self)
+
 
 class MultitasknnUNetTrainer_ClsBenchPrevious(MultitasknnUNetTrainer_ClsBench):
     """The guided head with attention only: no organ context, no descriptors, no guide dropout."""
     head_kwargs = {"context": False, "descriptors": False, "guide_dropout": 0.0}
+
+
+class MultitasknnUNetTrainer_ClsBenchDescriptorsInMLP(MultitasknnUNetTrainer_ClsBench):
+    """The default with the descriptors among the MLP's inputs (layer-normalised with the pooled features)
+    instead of their own standardised linear branch."""
+    head_kwargs = {"descriptor_logits": False}
 
 
 class MultitasknnUNetTrainer_ClsBenchNoContext(MultitasknnUNetTrainer_ClsBench):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.nifti import channel_pattern
+from multitask_nnunet.nifti import channel_gaps, channel_pattern, describe_channels
 
 
 SALIENCY, POOLING, SEG_UNCERTAINTY = "_saliency", "_pooling", "_seg_uncertainty"  # suffixes of the extra outputs
@@ -57,11 +57,12 @@ def list_cases(folder: str, file_ending: str, channel_names: Dict[str, str]) -> 
         else:
             channels.setdefault(match.group(1), {})[int(match.group(2))] = os.path.join(folder, file)
     expected = len(channel_names)
-    described = ", ".join(f"{int(k):04d}={v}" for k, v in sorted(channel_names.items(), key=lambda kv: int(kv[0])))
+    described = describe_channels(channel_names)
     cases = []
     for name, files in sorted(channels.items()):
-        missing = [f"{name}_{c:04d}{file_ending}" for c in range(expected) if c not in files]
-        extra = [os.path.basename(files[c]) for c in sorted(files) if c >= expected]
+        missing_channels, extra_channels = channel_gaps(files, expected)
+        missing = [f"{name}_{c:04d}{file_ending}" for c in missing_channels]
+        extra = [os.path.basename(files[c]) for c in extra_channels]
         if missing or extra:
             what = "; ".join(([f"missing {', '.join(missing)}"] if missing else []) +
                              ([f"unexpected {', '.join(extra)}"] if extra else []))

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
 from multitask_nnunet.errors import write_failure
-from multitask_nnunet.nifti import channel_pattern
+from multitask_nnunet.nifti import channel_gaps, channel_pattern, describe_channels
 
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -189,7 +189,7 @@ def assign_channels(uploads: List[Upload], channel_names: Dict[str, str]) -> Tup
     name; otherwise the names carry nnU-Net's channel suffixes, ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``..."""
     endings = [check_nifti(u) for u in uploads]
     expected = len(channel_names)
-    described = ", ".join(f"{int(k):04d}={v}" for k, v in sorted(channel_names.items(), key=lambda kv: int(kv[0])))
+    described = describe_channels(channel_names)
     if len(uploads) != expected:
         raise ServiceError(422, f"{len(uploads)} file(s) uploaded ({', '.join(u.name for u in uploads)}); the model "
                                 f"expects {expected} channel(s): {described}")
@@ -207,7 +207,7 @@ def assign_channels(uploads: List[Upload], channel_names: Dict[str, str]) -> Tup
                                     f"model expects {expected} channels: {described})")
         cases.add(match.group(1))
         channels[int(match.group(2))] = (upload, ending)
-    missing = [f"{c:04d}" for c in range(expected) if c not in channels]
+    missing = [f"{c:04d}" for c in channel_gaps(channels, expected)[0]]
     if len(cases) > 1 or missing:
         raise ServiceError(422, f"uploaded {', '.join(u.name for u in uploads)}: need one case with channels "
                                 f"{described}" + (f" (missing {', '.join(missing)})" if missing else ""))

@@ -142,9 +142,8 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
     head_guide = None
 
     # ---- the head's own optimizer ----------------------------------------------------------------------
-    #: True: the head has its own AdamW (below) and nnU-Net's SGD keeps the segmentation network. False: the
-    #: head joins nnU-Net's SGD and ``grad_clip_norm`` clips all parameters together (the first design)
-    separate_head_optimizer = True
+    #: the head has its own AdamW (below; per parameter group of the head, ``lr_scale`` times this learning
+    #: rate, see ``ClassificationHead.parameter_groups``) and nnU-Net's SGD keeps the segmentation network
     head_lr = 1e-3
     head_weight_decay = 1e-4
     #: linear warm-up over ``head_warmup_epochs`` from the head's first trained epoch, then poly decay (exponent
@@ -264,7 +263,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         self.print_to_log_file(f"Classes {self.class_labels.class_names}, training-fold counts {counts}, "
                                f"cross-entropy weights {np.round(weights, 4).tolist()}")
         self.print_to_log_file(f"Classification head {self.head_spec['class_name']} {self.head_spec['kwargs']}; "
-                               f"{'own AdamW' if self.separate_head_optimizer else 'in nnU-Net SGD'}")
+                               f"{'own AdamW' if self.head_optimizer is not None else 'in nnU-Net SGD'}")
         self.print_to_log_file(
             f"Curriculum for {self.num_epochs} epochs: segmentation only in epochs "
             f"{_epoch_range(0, self.seg_warmup_epochs)}, the head on detached features in epochs "
@@ -297,15 +296,17 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         return list(self._unwrapped_network().classification_head.parameters())
 
     def configure_optimizers(self):
-        """nnU-Net's SGD + poly schedule; with ``separate_head_optimizer`` it holds the segmentation network only
-        and the head gets its own AdamW (learning rate set per epoch, see ``head_learning_rate``)."""
+        """nnU-Net's SGD + poly schedule for the segmentation network, and the head's own AdamW over its
+        ``parameter_groups`` (learning rates set per epoch, see ``head_learning_rate``). A subclass whose
+        ``configure_optimizers`` leaves ``head_optimizer`` None trains the head in nnU-Net's SGD instead, all
+        parameters clipped together at ``grad_clip_norm``."""
         optimizer, lr_scheduler = super().configure_optimizers()
-        if self.separate_head_optimizer:
-            head = {id(p) for p in self._head_parameters()}
-            for group in optimizer.param_groups:
-                group['params'] = [p for p in group['params'] if id(p) not in head]
-            self.head_optimizer = torch.optim.AdamW(self._head_parameters(), lr=self.head_lr,
-                                                    weight_decay=self.head_weight_decay)
+        head = {id(p) for p in self._head_parameters()}
+        for group in optimizer.param_groups:
+            group['params'] = [p for p in group['params'] if id(p) not in head]
+        groups = self._unwrapped_network().classification_head.parameter_groups()
+        self.head_optimizer = torch.optim.AdamW([g for g in groups if g['params']], lr=self.head_lr,
+                                                weight_decay=self.head_weight_decay)
         return optimizer, lr_scheduler
 
     def _batch_class_labels(self, keys) -> torch.Tensor:
@@ -368,7 +369,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         if self.head_optimizer is not None:
             lr = self.head_learning_rate(self.current_epoch)
             for group in self.head_optimizer.param_groups:
-                group['lr'] = lr
+                group['lr'] = lr * group.get('lr_scale', 1.0)
             message += f", head learning rate {lr:.3g}"
         self.print_to_log_file(message)
 
@@ -524,6 +525,48 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
             self.print_to_log_file(f"WARNING: validation has predicted one class for every case for {n} epochs: the "
                                    f"classification head has collapsed (see TechReport.md, 'Classification that "
                                    f"learns')")
+
+    # ------------------------------------------------------------------ end of training
+    def on_train_end(self):
+        """The head's refit (``refit_head``), then nnU-Net's on_train_end, which writes ``checkpoint_final.pth``."""
+        self.refit_head()
+        super().on_train_end()
+
+    def refit_head(self) -> None:
+        """For a head with ``refit_passes``: every training case of the fold predicted once per pass, as
+        ``multitask-nnunet predict`` would (one whole-volume forward, no mirroring, eval mode), while the head
+        records what it refits from; then ``head.refit``. Without augmentation and with the final
+        segmentation, this is what the head meets at inference. ``checkpoint_best.pth`` keeps the head as trained."""
+        from multitask_nnunet.inference.predictor import MultitaskPredictor
+
+        head = self._unwrapped_network().classification_head
+        passes = head.refit_passes()
+        if not passes:  # under DDP every rank refits on all cases alike, so that their heads stay equal
+            return
+        self.set_deep_supervision_enabled(False)
+        self.network.eval()
+        predictor = MultitaskPredictor(use_mirroring=False, device=self.device, mode='whole')
+        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
+                                        self.dataset_json, self.__class__.__name__,
+                                        self.inference_allowed_mirroring_axes)
+        tr_keys, _ = self.do_split()
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, tr_keys)
+        started, recorded = time(), []
+        for weight, context in passes:
+            with context, head.recording() as records:
+                for key in dataset.identifiers:
+                    data, _, _, _ = dataset.load_case(key)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # non-writable numpy array
+                        predictor.predict_preprocessed_case(torch.from_numpy(data[:]))
+            if len(records) != len(dataset.identifiers):
+                raise RuntimeError(f"head refit: {len(records)} records for {len(dataset.identifiers)} cases")
+            recorded.append((weight, list(records)))
+        labels = [self.class_labels.label_of(k) for k in dataset.identifiers]
+        message = head.refit(recorded, labels, self.classification_loss.weight)
+        self.print_to_log_file(f"Head refit: {message} ({time() - started:.1f} s)")
+        self.set_deep_supervision_enabled(True)
+        self.network.train()
 
     # ------------------------------------------------------------------ checkpoints
     @follows(nnUNetTrainer.save_checkpoint, "3ae275b9ebfb")

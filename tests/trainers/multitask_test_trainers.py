@@ -24,8 +24,11 @@ class MultitasknnUNetTrainer_TestShort(MultitasknnUNetTrainer):
 class MultitasknnUNetTrainer_TestShortGAP(MultitasknnUNetTrainer_TestShort):
     """The first design: global average pooling, the head in nnU-Net's SGD, one clip for all."""
     head_class = "GAPHead"
-    separate_head_optimizer = False
     grad_clip_norm = 1.0
+
+    def configure_optimizers(self):
+        self.head_optimizer = None  # the head in nnU-Net's SGD (its configure_optimizers sees every parameter)
+        return nnUNetTrainer.configure_optimizers(self)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """None: the head round trip (test_training.py) reads only the checkpoint."""
