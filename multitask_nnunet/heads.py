@@ -171,6 +171,8 @@ class SegGuidedHead(ClassificationHead):
     uses_guide = True
     RIM_VOXELS = 2
     DESCRIPTOR_LR_SCALE = 10.0
+    #: the refit's L2 penalty, REFIT_L2 * |W|^2 / (2 N) over N cases (scikit-learn's C = 1 / REFIT_L2)
+    REFIT_L2 = 1.0
 
     def __init__(self, encoder_channels: Sequence[int], num_classes: int, guide_channels: Sequence[int],
                  foreground_channels: Sequence[int], guide_activation: str = "sigmoid",
@@ -343,7 +345,7 @@ class SegGuidedHead(ClassificationHead):
         """The descriptor branch refitted as a logistic regression: the standardiser's statistics set to those of
         the first pass's measured values, then the linear layer fitted by L-BFGS to the class-weighted
         cross-entropy of ``MLP logits + linear(standardised descriptors)`` over all passes' records, each
-        weighted by its pass, with an L2 penalty of ``|W|^2 / (2 N)`` (N cases: scikit-learn's C = 1)."""
+        weighted by its pass, with an L2 penalty of ``REFIT_L2 * |W|^2 / (2 N)`` (N cases)."""
         def stacked(records, i):
             return torch.cat([r[i] for r in records]).clone()  # clone: the records may be inference tensors
 
@@ -369,7 +371,7 @@ class SegGuidedHead(ClassificationHead):
 
         def loss_of(w, b):
             ce = F.cross_entropy(offsets + z @ w.T + b, targets, reduction="none")
-            return (weights * ce).sum() / weights.sum() + (w ** 2).sum() / (2 * len(y))
+            return (weights * ce).sum() / weights.sum() + self.REFIT_L2 * (w ** 2).sum() / (2 * len(y))
 
         with torch.no_grad():
             before = float(loss_of(weight, bias))
