@@ -28,7 +28,7 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from tqdm import tqdm
 
 from multitask_nnunet.class_labels import CLASSIFICATION_KEY, ClassLabels
-from multitask_nnunet.conversion.label_spec import DEFAULT_LABELS, IGNORE, LabelSpec, read_label_spec
+from multitask_nnunet.labels import DEFAULT_LABELS, IGNORE, LabelSpec, read_label_spec
 from multitask_nnunet.conversion.layout import ENDING, SourceCase, SourceDataset, scan_dataset
 from multitask_nnunet.conversion.masks import ignore_label_map, integer_label_map, write_label_map
 from multitask_nnunet.conversion.splits import SPLITS_FILE, original_split, stratified_folds, write_splits

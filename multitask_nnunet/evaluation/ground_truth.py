@@ -21,7 +21,7 @@ from multitask_nnunet.class_csv import GROUND_TRUTH_CSV, read_case_classes, stri
 from multitask_nnunet.class_labels import (CLASSIFICATION_KEY, EXAMPLE, check_one_prefix, class_labels_for_cases,
                                            parse_class_folder, read_class_labels)
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.evaluation.regions import RegionSpec, regions_from_labels
+from multitask_nnunet.labels import RegionSpec, regions_from_labels
 from multitask_nnunet.nifti import channel_pattern
 
 MASK_ENDING = ".nii.gz"
