@@ -45,8 +45,8 @@ from typing import Deque, Dict, List, Optional
 
 from tqdm import tqdm
 
-from multitask_nnunet.atomic import remove_leftover_temporaries
-from multitask_nnunet.class_csv import PROBABILITIES_CSV
+from multitask_nnunet.io.atomic import remove_leftover_temporaries
+from multitask_nnunet.io.class_csv import PROBABILITIES_CSV
 from multitask_nnunet.errors import InputError, WriteError, write_failure
 from multitask_nnunet.inference.cases import InputCase, is_done, list_cases, part_of
 from multitask_nnunet.inference.class_rows import PARTS_FOLDER, ClassRows, known_extra_columns, known_rows

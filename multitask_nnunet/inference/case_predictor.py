@@ -36,7 +36,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from multitask_nnunet.calibration import apply_temperature, class_uncertainty, mutual_information, read_temperature
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.heads import guide_labels, guide_summary
+from multitask_nnunet.model.heads import guide_labels, guide_summary
 from multitask_nnunet.inference.case_io import CaseIO
 from multitask_nnunet.inference.device_preprocessing import to_device
 from multitask_nnunet.inference.export import (export_configuration, map_in_input_geometry,
@@ -45,7 +45,7 @@ from multitask_nnunet.inference.model_folder import ModelFolder
 from multitask_nnunet.inference.options import PredictorOptions
 from multitask_nnunet.inference.predictor import MultitaskPredictor, NonFiniteOutputError
 from multitask_nnunet.inference.timing import EXPORT, NETWORK, PREPROCESS, READ
-from multitask_nnunet.nifti import channel_pattern
+from multitask_nnunet.io.nifti import channel_pattern
 
 SALIENCY, MC_DROPOUT = "saliency", "mc_dropout"  # the extra timings of --saliency and --mc-dropout
 _CHANNEL = channel_pattern("")  # a file name without its ending: <case>_XXXX

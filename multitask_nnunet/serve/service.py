@@ -30,10 +30,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from multitask_nnunet.atomic import owner_is_gone, owner_tag
+from multitask_nnunet.io.atomic import owner_is_gone, owner_tag
 from multitask_nnunet.errors import InputError, WriteError
 from multitask_nnunet.inference.options import PredictorOptions
-from multitask_nnunet.labels import volumes_ml
+from multitask_nnunet.io.labels import volumes_ml
 from multitask_nnunet.serve.options import ServeOptions
 from multitask_nnunet.serve.uploads import ServiceError, Upload, assign_channels
 from multitask_nnunet.serve.viewer import Views

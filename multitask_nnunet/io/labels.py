@@ -34,7 +34,7 @@ import numpy as np
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.nifti import labels_volume_ml
+from multitask_nnunet.io.nifti import labels_volume_ml
 
 IGNORE = "ignore"
 FOREGROUND = "foreground"
