@@ -346,7 +346,7 @@ def segmentation_dice(pred_dir: Path, gt: Path, dataset_json: Path) -> dict:
     from multitask_nnunet.evaluation.ground_truth import read_ground_truth
     from multitask_nnunet.evaluation.evaluate import prediction_file
     from multitask_nnunet.evaluation.metrics import case_dice, segmentation_summary
-    from multitask_nnunet.nifti import check_same_grid, read_label_map
+    from multitask_nnunet.io.nifti import check_same_grid, read_label_map
 
     truth = read_ground_truth(str(gt), str(dataset_json))
     regions, ignore = truth.region_spec.regions, truth.region_spec.ignore_label
@@ -376,10 +376,10 @@ def whole_and_lesion(dice: dict, raw: Path):
 def truth_feature_rows(source: Path) -> list:
     """The truth features of every case: make-synthetic's truth_features.csv, or, for data made before
     make-synthetic wrote it, measured here on the images and true masks by the same function."""
-    from multitask_nnunet.class_csv import GROUND_TRUTH_CSV, read_case_classes
-    from multitask_nnunet.class_labels import parse_class_folder
+    from multitask_nnunet.io.class_csv import GROUND_TRUTH_CSV, read_case_classes
+    from multitask_nnunet.io.class_labels import parse_class_folder
     from multitask_nnunet.conversion import synthetic
-    from multitask_nnunet.nifti import read_label_map
+    from multitask_nnunet.io.nifti import read_label_map
     import SimpleITK as sitk
 
     path = source / synthetic.TRUTH_FEATURES_CSV
@@ -413,8 +413,8 @@ def oracle(source: Path) -> dict:
 def missed_lesions(pred_dir: Path, gt: Path, raw: Path) -> dict:
     """``{case: missed}`` over the test cases: missed when the predicted lesion (the highest label) shares no
     voxel with the true lesion."""
-    from multitask_nnunet.class_csv import GROUND_TRUTH_CSV, read_case_classes
-    from multitask_nnunet.nifti import read_label_map
+    from multitask_nnunet.io.class_csv import GROUND_TRUTH_CSV, read_case_classes
+    from multitask_nnunet.io.nifti import read_label_map
     dataset = load(raw / "dataset.json")
     lesion = max(max(v) if isinstance(v, list) else v for v in dataset["labels"].values())
     ending = dataset["file_ending"]
@@ -428,7 +428,7 @@ def missed_lesions(pred_dir: Path, gt: Path, raw: Path) -> dict:
 def missed_and_found(pred_dir: Path, metrics: dict, missed: dict) -> dict:
     """Macro-F1 and mean confidence (max probability) on the test cases whose lesion was missed and on the
     others (None for an empty group), and the ECE of ``multitask-nnunet evaluate``."""
-    from multitask_nnunet.class_csv import PROBABILITIES_CSV, read_probabilities_csv, strip_ending
+    from multitask_nnunet.io.class_csv import PROBABILITIES_CSV, read_probabilities_csv, strip_ending
     from multitask_nnunet.evaluation.metrics import classification_metrics
     path = pred_dir / PROBABILITIES_CSV
     confidence = {strip_ending(name, ".nii.gz"): float(np.max(p))

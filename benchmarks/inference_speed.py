@@ -60,11 +60,11 @@ import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from multitask_nnunet.class_csv import PROBABILITIES_CSV, read_probabilities_csv
+from multitask_nnunet.io.class_csv import PROBABILITIES_CSV, read_probabilities_csv
 from multitask_nnunet.evaluation.metrics import case_dice
-from multitask_nnunet.evaluation.regions import regions_from_labels
+from multitask_nnunet.io.labels import regions_from_labels
 from multitask_nnunet.inference.batch import BatchOptions, PredictorOptions, predict_folder
-from multitask_nnunet.nifti import read_geometry, read_label_map
+from multitask_nnunet.io.nifti import read_geometry, read_label_map
 from multitask_nnunet.inference.cases import list_cases
 from multitask_nnunet.inference.timing import STAGES
 from multitask_nnunet.registration import environment_with_trainers, ext_trainer_path

@@ -2,7 +2,7 @@
 ``multitask-nnunet predict`` does, and with the guide structure (the lesion by default) removed from the
 segmentation the head reads, as if the network had missed it. With the guide predicted empty, the guided head
 falls back to the predicted foreground (the pancreas); with ``attention`` on it can still weight the voxels of
-the foreground where the class shows (multitask_nnunet/heads.py). The segmentation output is not changed.
+the foreground where the class shows (multitask_nnunet/model/heads.py). The segmentation output is not changed.
 
 Runs the one-case predictor (``CasePredictor``) in this process. The guide is removed by a forward pre-hook on
 the classification head that sets the guide channels' logits to -30 (probability ~1e-13) in the head's input
@@ -37,8 +37,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from multitask_nnunet import heads
-    from multitask_nnunet.class_csv import read_case_classes
+    from multitask_nnunet.model import heads
+    from multitask_nnunet.io.class_csv import read_case_classes
     from multitask_nnunet.evaluation.metrics import classification_metrics
     from multitask_nnunet.inference.case_predictor import CasePredictor
     from multitask_nnunet.inference.options import PredictorOptions

@@ -39,10 +39,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from scipy.ndimage import binary_dilation
 
-    from multitask_nnunet.class_csv import GROUND_TRUTH_CSV, read_case_classes
+    from multitask_nnunet.io.class_csv import GROUND_TRUTH_CSV, read_case_classes
     from multitask_nnunet.inference.case_predictor import CasePredictor
     from multitask_nnunet.inference.options import SALIENCY_METHODS, PredictorOptions
-    from multitask_nnunet.nifti import read_label_map
+    from multitask_nnunet.io.nifti import read_label_map
 
     images = sorted(glob.glob(os.path.join(args.i, "*_0000.nii.gz")))
     truth = read_case_classes(os.path.join(args.l, GROUND_TRUTH_CSV))

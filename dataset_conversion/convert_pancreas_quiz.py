@@ -13,7 +13,7 @@ from pathlib import Path
 
 from multitask_nnunet.console import our_command
 from multitask_nnunet.conversion.convert import convert_dataset
-from multitask_nnunet.conversion.label_spec import LabelSpec
+from multitask_nnunet.io.labels import LabelSpec
 from multitask_nnunet.errors import InputError
 
 PANCREAS_LABELS = LabelSpec({"background": 0, "whole_pancreas": [1, 2], "pancreas_lesion": 2},

@@ -23,7 +23,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from multitask_nnunet.atomic import atomic_write_text
+from multitask_nnunet.io.atomic import atomic_write_text
 
 CALIBRATION_JSON = "calibration.json"
 ECE_BINS = 15

@@ -339,7 +339,7 @@ def test_rerun_after_kill_removes_the_staging_folder(synthetic, tmp_path):
         shutil.rmtree(env["nnUNet_preprocessed"], ignore_errors=True)
     assert left, "convert finished every time before it could be killed"
     assert not raw_dataset(env).exists()
-    from multitask_nnunet.atomic import owner_tag
+    from multitask_nnunet.io.atomic import owner_tag
     live = raw / f".Dataset{DATASET_ID + 1}_Other.tmp-{owner_tag()}-0123abcd"
     live.mkdir()
 
@@ -357,7 +357,7 @@ def test_rerun_after_kill_between_the_renames_puts_the_old_dataset_back(tiny, tm
     """convert --overwrite killed between moving the old dataset aside and renaming the new one into place
     leaves both hidden (made here by hand, named for a process that has ended): the next run puts the old
     dataset back and removes the new one, so the rerun sees the old dataset and asks for --overwrite again."""
-    from multitask_nnunet.atomic import owner_tag
+    from multitask_nnunet.io.atomic import owner_tag
     ended = subprocess.Popen(["true"])
     ended.wait()
     tag = f"{owner_tag().rsplit('-', 1)[0]}-{ended.pid}"

@@ -259,7 +259,7 @@ def test_bad_input_is_one_line_error(tmp_path, corrupt, expected):
 
 def test_float_mask_must_hold_integer_labels(tmp_path):
     from multitask_nnunet.errors import InputError
-    from multitask_nnunet.nifti import read_label_map
+    from multitask_nnunet.io.nifti import read_label_map
 
     path = str(tmp_path / "m.nii.gz")
     write_image(path, label_map() * np.float32(1.0000152))

@@ -43,7 +43,7 @@ def test_temperature_scaling_lowers_nll_of_an_overconfident_model(tmp_path):
 
 
 def test_class_csv_columns(tmp_path):
-    from multitask_nnunet.class_csv import read_extra_columns, read_probabilities_csv, write_class_csvs
+    from multitask_nnunet.io.class_csv import read_extra_columns, read_probabilities_csv, write_class_csvs
     probabilities = {"b.nii.gz": np.array([0.2, 0.8]), "a.nii.gz": np.array([0.5, 0.5])}
     write_class_csvs(str(tmp_path), probabilities, ["x", "y"], extra_columns={"b.nii.gz": {"mutual_information": 0.25}})
     assert (tmp_path / "subtype_results.csv").read_text() == "Names,Subtype\na.nii.gz,0\nb.nii.gz,1\n"

@@ -83,8 +83,8 @@ def assert_outputs_load(folder: Path) -> list:
     """Every file under ``folder`` is complete and loads; no temporary file is left. Returns the file names."""
     from matplotlib.image import imread
 
-    from multitask_nnunet.atomic import TEMPORARY_PREFIX
-    from multitask_nnunet.nifti import check_complete, written_incompletely
+    from multitask_nnunet.io.atomic import TEMPORARY_PREFIX
+    from multitask_nnunet.io.nifti import check_complete, written_incompletely
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     assert not [n for n in names if n.startswith(TEMPORARY_PREFIX)], names
     for name in names:
@@ -121,7 +121,7 @@ def test_atomic_nifti_write_on_full_disk(small_disk, tmp_path):
     A text write fails the same way."""
     from damage import noisy_labels
 
-    from multitask_nnunet.atomic import atomic_path, atomic_write_text
+    from multitask_nnunet.io.atomic import atomic_path, atomic_write_text
     from multitask_nnunet.errors import WriteError
     disk = small_disk(tmp_path / "disk", 64)
     image = sitk.GetImageFromArray(noisy_labels((40, 60, 60)))  # ~34 KB compressed: the second one does not fit

@@ -269,7 +269,7 @@ def test_damaged_checkpoint_is_one_line(trained, tmp_path):
 def test_rerun_after_kill_removes_temporary_files(trained, tmp_path):
     """predict killed (SIGKILL) while a mask is being written leaves its temporary file; the next run removes it,
     says so in one line and finishes every case. A temporary file of a live process (this test's) is kept."""
-    from multitask_nnunet.atomic import owner_tag
+    from multitask_nnunet.io.atomic import owner_tag
     source = trained.source / "test"
     for attempt in range(5):  # a mask write takes milliseconds: the kill can miss it; try again in a new folder
         out = tmp_path / f"out{attempt}"

@@ -8,8 +8,8 @@ import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.heads import HEADS, SegGuidedHead, build_head, head_spec_from_checkpoint, plan_head
-from multitask_nnunet.network import MultitaskUNet, split_state_dict
+from multitask_nnunet.model.heads import HEADS, SegGuidedHead, build_head, head_spec_from_checkpoint, plan_head
+from multitask_nnunet.model.network import MultitaskUNet, split_state_dict
 
 COMMON = {"conv_bias": True, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
           "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
@@ -200,7 +200,7 @@ def test_seg_guided_head_attention_learns_where_to_pool_within_the_guide():
     with torch.no_grad():
         attending.attention[0].weight.fill_(1e4)
         assert torch.isfinite(attending(features, logits)).all()
-        from multitask_nnunet.heads import _attend
+        from multitask_nnunet.model.heads import _attend
         weights = _attend(torch.tensor([[0.0, 1.0, 1.0, 0.5]]), torch.tensor([[1e5, 3.0, 1e4, 1e4]]))
         torch.testing.assert_close(weights, torch.tensor([[0.0, 0.0, 1.0, 0.5]]))
 
@@ -345,7 +345,7 @@ def test_divisibility_is_product_of_strides():
 def test_running_standardizer_learns_the_statistics_of_present_values_only():
     """Standardised by running mean and sd; absent values give 0 (their mean) and do not move the statistics;
     evaluation does not update them."""
-    from multitask_nnunet.heads import RunningStandardizer
+    from multitask_nnunet.model.heads import RunningStandardizer
     torch.manual_seed(0)
     standardizer = RunningStandardizer(2).train()
     for _ in range(400):

@@ -418,7 +418,7 @@ def test_full_queue_answers_503(server, case):
 
 def test_env_token_timeout_and_cleanup_on_shutdown(trained, case, tmp_path):
     # what a killed server left (its process is gone): removed at start; the token from the environment
-    from multitask_nnunet.atomic import owner_tag
+    from multitask_nnunet.io.atomic import owner_tag
     gone = subprocess.Popen(["true"])
     gone.wait()
     leftover = tmp_path / "tmp" / f"multitask-nnunet-serve-{owner_tag().rsplit('-', 1)[0]}-{gone.pid}-x1_y"

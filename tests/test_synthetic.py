@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from cli import ours, run
 from multitask_nnunet.conversion import synthetic
-from multitask_nnunet.nifti import read_label_map
+from multitask_nnunet.io.nifti import read_label_map
 
 
 

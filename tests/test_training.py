@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cli import Started, nnunet, ours, run, run_at_once
-from multitask_nnunet.heads import HEADS, SegGuidedHead
+from multitask_nnunet.model.heads import HEADS, SegGuidedHead
 from conftest import CONFIG, DATASET_ID, PLANS, TRAINER, load_json, nnunet_env
 
 

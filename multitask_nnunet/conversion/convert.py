@@ -2,7 +2,7 @@
 
 Writes ``$nnUNet_raw/DatasetXXX_NAME/`` with ``imagesTr``, ``labelsTr``, ``imagesTs`` and a ``dataset.json``
 that carries the class labels of every train and validation case (``"classification"``, see
-``multitask_nnunet.class_labels``). Images are copied byte for byte; masks are checked against their images
+``multitask_nnunet.io.class_labels``). Images are copied byte for byte; masks are checked against their images
 and rounded to integer label maps (see ``masks``). The dataset's own train/validation split becomes fold 0 of
 ``splits_final.json``; ``--folds K`` writes K class-stratified folds over train + validation instead. The
 splits go into ``$nnUNet_preprocessed/DatasetXXX_NAME/`` and into the raw folder (nnU-Net's planner copies
@@ -27,15 +27,15 @@ from typing import List, Sequence
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 from tqdm import tqdm
 
-from multitask_nnunet.class_labels import CLASSIFICATION_KEY, ClassLabels
-from multitask_nnunet.conversion.label_spec import DEFAULT_LABELS, IGNORE, LabelSpec, read_label_spec
+from multitask_nnunet.io.class_labels import CLASSIFICATION_KEY, ClassLabels
+from multitask_nnunet.io.labels import DEFAULT_LABELS, IGNORE, LabelSpec, read_label_spec
 from multitask_nnunet.conversion.layout import ENDING, SourceCase, SourceDataset, scan_dataset
 from multitask_nnunet.conversion.masks import ignore_label_map, integer_label_map, write_label_map
 from multitask_nnunet.conversion.splits import SPLITS_FILE, original_split, stratified_folds, write_splits
 from multitask_nnunet.conversion.staging import (final_path, in_staged_folder, remove_leftover_staging,
                                                 staged_folder)
 from multitask_nnunet.errors import InputError, WriteError, write_failure
-from multitask_nnunet.nifti import check_same_grid, read_geometry
+from multitask_nnunet.io.nifti import check_same_grid, read_geometry
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 

@@ -7,7 +7,7 @@ Layout (the pancreas quiz's; any folder prefix works)::
     INPUT/validation/<prefix><K>/...               same naming; optional
     INPUT/test/<case>_0000.nii.gz                  images only; optional
 
-Class K's name is its folder's name (the rule, shared with ``evaluate``: ``multitask_nnunet.class_labels``);
+Class K's name is its folder's name (the rule, shared with ``evaluate``: ``multitask_nnunet.io.class_labels``);
 the indices must run 0, 1, ..., K-1, all class folders share one prefix, and a name must mean the same index in
 train/ and validation/. A class without a validation case is a warning (the original split cannot score it).
 A case without a mask is reported with ``mask=None``; the caller decides.
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from multitask_nnunet.class_labels import EXAMPLE, check_one_prefix, parse_class_folder
+from multitask_nnunet.io.class_labels import EXAMPLE, check_one_prefix, parse_class_folder
 from multitask_nnunet.errors import InputError, warn
-from multitask_nnunet.nifti import channel_pattern
+from multitask_nnunet.io.nifti import channel_pattern
 
 ENDING = ".nii.gz"
 SPLIT_FOLDERS = ("train", "validation")

@@ -1,5 +1,5 @@
 """The converter's label maps: a case's mask as the integer label map nnU-Net expects (rounded and checked by
-``multitask_nnunet.nifti``, the one home of label-map rounding and grid checks), or an all-``ignore`` map for a
+``multitask_nnunet.io.nifti``, the one home of label-map rounding and grid checks), or an all-``ignore`` map for a
 case that has a class but no mask.
 
 A label the dataset does not declare is an error, like a voxel that is not an integer label.
@@ -10,9 +10,9 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from multitask_nnunet.atomic import atomic_path
+from multitask_nnunet.io.atomic import atomic_path
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.nifti import Geometry, read_label_map
+from multitask_nnunet.io.nifti import Geometry, read_label_map
 
 
 def integer_label_map(mask: Path, allowed: Sequence[int]) -> sitk.Image:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from multitask_nnunet.atomic import atomic_write_text
+from multitask_nnunet.io.atomic import atomic_write_text
 from multitask_nnunet.errors import InputError
 
 SPLITS_FILE = "splits_final.json"

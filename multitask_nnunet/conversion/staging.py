@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Sequence
 
-from multitask_nnunet.atomic import owner_is_gone, owner_tag
+from multitask_nnunet.io.atomic import owner_is_gone, owner_tag
 
 STAGED, RETIRED = "tmp", "old"
 # .<final name>.<tmp|old>-<host>-<pid>-<8 hex digits>

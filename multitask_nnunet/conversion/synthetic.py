@@ -62,7 +62,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from multitask_nnunet.class_csv import GROUND_TRUTH_CSV, write_case_classes
+from multitask_nnunet.io.class_csv import GROUND_TRUTH_CSV, write_case_classes
 from multitask_nnunet.conversion.staging import staged_folder
 from multitask_nnunet.errors import InputError
 

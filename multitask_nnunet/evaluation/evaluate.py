@@ -1,6 +1,6 @@
 """``multitask-nnunet evaluate``: score a prediction folder against ground truth.
 
-Segmentation: Dice per case and region (regions: see ``regions.py``), mean per region. Classification:
+Segmentation: Dice per case and region (regions: see ``multitask_nnunet/io/labels.py``), mean per region. Classification:
 macro-F1, accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix (rows: true
 class, columns: predicted class); from ``class_probabilities.csv``, when the prediction folder has it: ROC-AUC
 one-vs-rest per class and macro, the Brier score, ECE and a reliability diagram (definitions: metrics.py,
@@ -22,13 +22,13 @@ import numpy as np
 
 from typing import Dict, Iterable
 
-from multitask_nnunet.class_csv import (PROBABILITIES_CSV, RESULTS_CSV, probability_class_names, read_case_classes,
+from multitask_nnunet.io.class_csv import (PROBABILITIES_CSV, RESULTS_CSV, probability_class_names, read_case_classes,
                                         read_probabilities_csv, strip_ending)
 from multitask_nnunet.errors import InputError, warn
 from multitask_nnunet.evaluation.ground_truth import GroundTruth, read_ground_truth
-from multitask_nnunet.evaluation.regions import default_regions
+from multitask_nnunet.io.labels import default_regions
 from multitask_nnunet.evaluation.report import format_table
-from multitask_nnunet.nifti import check_same_grid, read_label_map
+from multitask_nnunet.io.nifti import check_same_grid, read_label_map
 
 __all__ = ["evaluate", "format_table", "add_parser"]
 

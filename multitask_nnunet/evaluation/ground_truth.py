@@ -6,7 +6,7 @@
    writes its test labels.
 3. Quiz: masks in class folders ``GT/.../<prefix><k>/<case>.nii.gz`` (e.g. ``validation/subtype0``), beside
    the ``<case>_0000.nii.gz`` images; the class is the folder's number ``k`` (the rule ``convert`` uses too:
-   ``multitask_nnunet.class_labels``). Every class folder under GT counts, so point GT at the split that was
+   ``multitask_nnunet.io.class_labels``). Every class folder under GT counts, so point GT at the split that was
    predicted (``data/validation``, not ``data``).
 
 The layouts are tried in this order. ``dataset_json`` (a file) supplies region definitions and class names
@@ -17,12 +17,12 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from multitask_nnunet.class_csv import GROUND_TRUTH_CSV, read_case_classes, strip_ending
-from multitask_nnunet.class_labels import (CLASSIFICATION_KEY, EXAMPLE, check_one_prefix, class_labels_for_cases,
+from multitask_nnunet.io.class_csv import GROUND_TRUTH_CSV, read_case_classes, strip_ending
+from multitask_nnunet.io.class_labels import (CLASSIFICATION_KEY, EXAMPLE, check_one_prefix, class_labels_for_cases,
                                            parse_class_folder, read_class_labels)
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.evaluation.regions import RegionSpec, regions_from_labels
-from multitask_nnunet.nifti import channel_pattern
+from multitask_nnunet.io.labels import RegionSpec, regions_from_labels
+from multitask_nnunet.io.nifti import channel_pattern
 
 MASK_ENDING = ".nii.gz"
 

@@ -17,7 +17,7 @@ from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              precision_recall_fscore_support)
 
-from multitask_nnunet.evaluation.regions import Regions
+from multitask_nnunet.io.labels import Regions
 
 
 def case_dice(gt: np.ndarray, pred: np.ndarray, regions: Regions,

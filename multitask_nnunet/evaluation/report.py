@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from multitask_nnunet.atomic import atomic_path, atomic_write_text
+from multitask_nnunet.io.atomic import atomic_path, atomic_write_text
 
 
 def format_number(value) -> str:

@@ -43,15 +43,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Deque, Dict, List, Optional
 
-from batchgenerators.utilities.file_and_folder_operations import load_json
 from tqdm import tqdm
 
-from multitask_nnunet.atomic import remove_leftover_temporaries
-from multitask_nnunet.class_csv import PROBABILITIES_CSV
+from multitask_nnunet.io.atomic import remove_leftover_temporaries
+from multitask_nnunet.io.class_csv import PROBABILITIES_CSV
 from multitask_nnunet.errors import InputError, WriteError, write_failure
 from multitask_nnunet.inference.cases import InputCase, is_done, list_cases, part_of
 from multitask_nnunet.inference.class_rows import PARTS_FOLDER, ClassRows, known_extra_columns, known_rows
-from multitask_nnunet.inference.model_folder import DEFAULT_PLANS, DEFAULT_TRAINER, resolve_model_folder
+from multitask_nnunet.inference.model_folder import DEFAULT_PLANS, DEFAULT_TRAINER, ModelFolder
 from multitask_nnunet.inference.options import (DEFAULT_CHECKPOINT, DEFAULT_SALIENCY_METHOD, DEFAULT_SALIENCY_STAGE,
                                                 DEFAULT_WORKERS, SALIENCY_METHODS,
                                                 BatchOptions, PredictorOptions)
@@ -86,8 +85,8 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
     if options.workers < 1:
         raise InputError(f"--workers {options.workers}: need at least 1")
     input_dir, output_dir = os.fspath(input_dir), os.fspath(output_dir)
-    model_dir = resolve_model_folder(model_dir)
-    dataset_json = load_json(os.path.join(model_dir, "dataset.json"))
+    model = ModelFolder.open(model_dir, options.predictor.folds, options.predictor.checkpoint)
+    dataset_json = model.dataset_json
     all_cases, problems = list_cases(input_dir, dataset_json["file_ending"], dataset_json["channel_names"])
     mine = set(part_of([c.name for c in all_cases] + list(problems), options.num_parts, options.part_id))
     cases = [c for c in all_cases if c.name in mine]
@@ -112,16 +111,13 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
     loaded = []  # the CasePredictor, once loaded: the class names come from its checkpoint
 
     def class_names() -> List[str]:
-        if loaded:
-            return loaded[0].class_names
-        from multitask_nnunet.inference.case_predictor import checkpoint_class_names
-        return checkpoint_class_names(model_dir, options.predictor.folds, options.predictor.checkpoint)
+        return loaded[0].class_names if loaded else model.class_names
 
     sharded = options.num_parts > 1
     rows = ClassRows(output_dir, class_names, options.part_id if sharded else None, [c.output_name for c in cases])
     try:
         if todo:
-            _predict_cases(todo, output_dir, model_dir, rows, report, options, breakdown, loaded)
+            _predict_cases(todo, output_dir, model, rows, report, options, breakdown, loaded)
         else:
             breakdown.mark(STARTUP, breakdown.start)
         with breakdown.stage(WRITE):
@@ -136,7 +132,7 @@ def predict_folder(input_dir, output_dir, model_dir, options: BatchOptions = Bat
               f"({report.seconds / len(report.predicted):.2f} s per case) on {device}")
     print("\n".join(breakdown.lines()))
     if options.profile:
-        breakdown.write_profile(options.profile, {"model": model_dir, "input": input_dir, "output": output_dir,
+        breakdown.write_profile(options.profile, {"model": model.path, "input": input_dir, "output": output_dir,
                                                   "device": str(loaded[0].device) if loaded else None,
                                                   "options": asdict(options)})
     return report
@@ -187,14 +183,14 @@ def _merge(all_cases: List[InputCase], output_dir: str, rows: ClassRows, report:
               f"finishes the last of them")
 
 
-def _predict_cases(todo: List[InputCase], output_dir: str, model_dir: str, rows: ClassRows, report: PredictionReport,
+def _predict_cases(todo: List[InputCase], output_dir: str, model: ModelFolder, rows: ClassRows, report: PredictionReport,
                    options: BatchOptions, breakdown: Breakdown, loaded: list):
     # imported only now: torch and nnU-Net's predictor take seconds, which input errors should not wait for
     from multitask_nnunet.inference.case_predictor import MC_DROPOUT, SALIENCY, CasePredictor
 
     breakdown.mark(STARTUP, breakdown.start)
     with breakdown.stage(MODEL_LOAD):
-        predictor = CasePredictor(model_dir, options.predictor, load_network=False)
+        predictor = CasePredictor(model, options.predictor, load_network=False)
     workers = options.workers
     with ThreadPoolExecutor(workers, "read") as readers, ThreadPoolExecutor(1, "write") as writer:
         upcoming, reading, writing = iter(todo), deque(), deque()
@@ -399,7 +395,8 @@ def add_parser(subparsers) -> None:
 
 def _run(args) -> int:
     breakdown = Breakdown(process_start())  # start-up counts from the process start: interpreter and imports
-    model_dir = resolve_model_folder(args.m, args.d, args.c, args.tr, args.p)
+    model = ModelFolder.open(args.m, args.f, args.chk, dataset=args.d, configuration=args.c, trainer=args.tr,
+                             plans=args.p)
     options = BatchOptions(PredictorOptions(args.f, args.chk, args.device, args.tta, args.mode, args.max_whole_voxels,
                                             args.device_preprocessing, saliency=args.saliency,
                                             saliency_stage=args.saliency_stage,
@@ -407,7 +404,7 @@ def _run(args) -> int:
                                             mc_dropout=args.mc_dropout, seg_uncertainty=args.seg_uncertainty),
                            args.overwrite, args.num_parts, args.part_id, args.continue_on_error, args.workers,
                            profile=args.profile)
-    report = predict_folder(args.i, args.o, model_dir, options, breakdown)
+    report = predict_folder(args.i, args.o, model, options, breakdown)
     # the command ends here: without this, the interpreter's exit scans every object that torch and nnU-Net
     # created (measured 1.3-1.6 s on the loaded 2-core CPU, 0.2 s with it), after the breakdown was printed
     gc.freeze()

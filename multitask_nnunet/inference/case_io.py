@@ -17,7 +17,7 @@ to the file by reading each channel alone, and non-finite values (NaN, inf) to t
 needs a look of its own: its C library (inside SimpleITK) silently turns NaN and inf into 0 when reading, so
 float NIfTI files are checked with nibabel before reading (integer images cannot hold NaN and are not read
 twice), and it fills the missing voxels of a truncated file with 0, so every NIfTI file is first checked to be
-complete (``multitask_nnunet.nifti``).
+complete (``multitask_nnunet.io.nifti``).
 """
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
@@ -25,10 +25,10 @@ import nibabel
 import numpy as np
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from multitask_nnunet.atomic import atomic_path
+from multitask_nnunet.io.atomic import atomic_path
 from multitask_nnunet.errors import InputError, one_line
 from multitask_nnunet.inference.configuration import InferenceConfiguration
-from multitask_nnunet.nifti import check_complete
+from multitask_nnunet.io.nifti import check_complete
 
 if TYPE_CHECKING:
     import torch

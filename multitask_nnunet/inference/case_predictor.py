@@ -32,21 +32,20 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from multitask_nnunet.calibration import apply_temperature, class_uncertainty, mutual_information, read_temperature
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.heads import guide_labels, guide_summary
+from multitask_nnunet.model.heads import guide_labels, guide_summary
 from multitask_nnunet.inference.case_io import CaseIO
 from multitask_nnunet.inference.device_preprocessing import to_device
 from multitask_nnunet.inference.export import (export_configuration, map_in_input_geometry,
                                                segmentation_in_input_geometry)
-from multitask_nnunet.inference.model_folder import resolve_folds, resolve_model_folder
+from multitask_nnunet.inference.model_folder import ModelFolder
 from multitask_nnunet.inference.options import PredictorOptions
-from multitask_nnunet.inference.predictor import MultitaskPredictor, NonFiniteOutputError, load_multitask_checkpoint
+from multitask_nnunet.inference.predictor import MultitaskPredictor, NonFiniteOutputError
 from multitask_nnunet.inference.timing import EXPORT, NETWORK, PREPROCESS, READ
-from multitask_nnunet.nifti import channel_pattern
+from multitask_nnunet.io.nifti import channel_pattern
 
 SALIENCY, MC_DROPOUT = "saliency", "mc_dropout"  # the extra timings of --saliency and --mc-dropout
 _CHANNEL = channel_pattern("")  # a file name without its ending: <case>_XXXX
@@ -99,39 +98,30 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return device
 
 
-def _checkpoint_entries(model_dir: str, fold: Union[int, str], checkpoint: str) -> dict:
-    """The first fold's checkpoint, memory-mapped: its small entries are read, its weights are not."""
-    path = os.path.join(model_dir, f"fold_{fold}", checkpoint)
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: checkpoint not found")
-    return load_multitask_checkpoint(path, mmap=True)
-
-
-def checkpoint_class_names(model_dir: str, folds: Optional[Sequence[Union[int, str]]] = None,
+def checkpoint_class_names(model_dir: Union[str, ModelFolder], folds: Optional[Sequence[Union[int, str]]] = None,
                            checkpoint: str = PredictorOptions.checkpoint) -> List[str]:
     """The class names stored with the head of the first of ``folds``, without building the network (for a
     batch run that has no case to predict but CSVs to write). ``CasePredictor`` checks that folds agree."""
-    model_dir = resolve_model_folder(model_dir)
-    fold = resolve_folds(model_dir, folds, checkpoint)[0]
-    return list(_checkpoint_entries(model_dir, fold, checkpoint)["classification_head"]["class_names"])
+    return ModelFolder.open(model_dir, folds, checkpoint).class_names
 
 
 class CasePredictor:
     """A trained model (folds ensembled), loaded once; ``predict_case`` for each case."""
 
     def __init__(self, model_dir, options: PredictorOptions = PredictorOptions(), load_network: bool = True):
-        self.model_dir = resolve_model_folder(model_dir)
+        #: the model folder, shared with whoever opened it (a batch run reads its class names before loading)
+        self.model = ModelFolder.open(model_dir, options.folds, options.checkpoint)
+        self.model_dir = self.model.path
         self.options = options
         self.device = resolve_device(options.device)
         kwargs = {} if options.max_whole_voxels is None else {"max_whole_volume_voxels": options.max_whole_voxels}
         self.predictor = MultitaskPredictor(tile_step_size=0.5, use_mirroring=options.tta, device=self.device,
                                             mode=options.mode, **kwargs)
-        self.folds = resolve_folds(self.model_dir, options.folds, options.checkpoint)
+        self.folds = self.model.folds
         # what preprocessing needs: the plans, dataset.json and the configuration the checkpoint was trained on
-        configuration = _checkpoint_entries(self.model_dir, self.folds[0], options.checkpoint)["init_args"][
-            "configuration"]
+        configuration = self.model.configuration
         self.configuration_name: str = configuration
-        dataset_json = load_json(os.path.join(self.model_dir, "dataset.json"))
+        dataset_json = self.model.dataset_json
         plans_manager = PlansManager(os.path.join(self.model_dir, "plans.json"))
         on_device = self.device.type == "cuda" if options.device_preprocessing is None else options.device_preprocessing
         self.io = CaseIO(plans_manager, plans_manager.get_configuration(configuration), dataset_json,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.nifti import channel_gaps, channel_pattern, describe_channels
+from multitask_nnunet.io.nifti import channel_gaps, channel_pattern, describe_channels
 
 
 SALIENCY, POOLING, SEG_UNCERTAINTY = "_saliency", "_pooling", "_seg_uncertainty"  # suffixes of the extra outputs

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
-from multitask_nnunet.class_csv import PROBABILITIES_CSV, read_extra_columns, read_probabilities_csv, write_class_csvs
+from multitask_nnunet.io.class_csv import PROBABILITIES_CSV, read_extra_columns, read_probabilities_csv, write_class_csvs
 
 PARTS_FOLDER = "parts"
 

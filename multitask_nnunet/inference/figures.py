@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from multitask_nnunet.atomic import atomic_path, atomic_write_text
+from multitask_nnunet.io.atomic import atomic_path, atomic_write_text
 
 SALIENCY_PNG_SUFFIX = "_saliency.png"
 INDEX_HTML = "index.html"

@@ -1,11 +1,18 @@
 """Which trained model to predict with: an nnU-Net results folder ``Trainer__Plans__configuration``, given
 directly (``-m``) or as nnUNetv2_predict takes it (``-d -c [-tr] [-p]``, resolved under ``nnUNet_results``),
 and which of its folds.
+
+``ModelFolder`` is that choice made once: one ``predict`` run or one service resolves the folder and its folds,
+and reads dataset.json and the first fold's small checkpoint entries (class names, configuration) once, for
+the CSV header, preprocessing and the model alike.
 """
 import os
-from typing import List, Optional, Sequence, Union
+from dataclasses import dataclass
+from functools import cached_property
+from typing import List, Optional, Sequence, Tuple, Union
 
 from multitask_nnunet.errors import InputError
+from multitask_nnunet.inference.options import DEFAULT_CHECKPOINT
 
 DEFAULT_TRAINER = "MultitasknnUNetTrainer"
 DEFAULT_PLANS = "nnUNetPlans"
@@ -45,3 +52,59 @@ def resolve_folds(model_dir: str, folds: Optional[Sequence[Union[int, str]]], ch
         return [f if f == "all" else int(f) for f in folds]
     except ValueError:
         raise InputError(f"-f {' '.join(map(str, folds))}: folds are integers or 'all'") from None
+
+
+Folds = Optional[Sequence[Union[int, str]]]
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A resolved model folder, the folds asked for (None: every ``fold_N`` with the checkpoint) and the
+    checkpoint's file name. What it reads is read on first use and kept: the folds, dataset.json and the first
+    fold's checkpoint entries (memory-mapped: the small entries are read, the weights are not)."""
+    path: str
+    requested_folds: Optional[Tuple[Union[int, str], ...]] = None
+    checkpoint: str = DEFAULT_CHECKPOINT
+
+    @classmethod
+    def open(cls, model_dir: Union[str, "ModelFolder", None] = None, folds: Folds = None,
+             checkpoint: str = DEFAULT_CHECKPOINT, *, dataset: Optional[str] = None,
+             configuration: Optional[str] = None, trainer: str = DEFAULT_TRAINER,
+             plans: str = DEFAULT_PLANS) -> "ModelFolder":
+        """``model_dir`` as ``-m`` gives it, or ``dataset``/``configuration``/``trainer``/``plans`` as ``-d -c
+        -tr -p`` do; a ``ModelFolder`` is kept as it is (with what it has read) when it asks for the same folds
+        and checkpoint, and is not resolved again otherwise."""
+        requested = None if folds is None else tuple(folds)
+        if isinstance(model_dir, ModelFolder):
+            if (model_dir.requested_folds, model_dir.checkpoint) == (requested, checkpoint):
+                return model_dir
+            return cls(model_dir.path, requested, checkpoint)
+        return cls(resolve_model_folder(model_dir, dataset, configuration, trainer, plans), requested, checkpoint)
+
+    @cached_property
+    def folds(self) -> List[Union[int, str]]:
+        return resolve_folds(self.path, self.requested_folds, self.checkpoint)
+
+    @cached_property
+    def dataset_json(self) -> dict:
+        from batchgenerators.utilities.file_and_folder_operations import load_json
+        return load_json(os.path.join(self.path, "dataset.json"))
+
+    @cached_property
+    def first_entries(self) -> dict:
+        """The first fold's checkpoint, memory-mapped."""
+        from multitask_nnunet.inference.predictor import load_multitask_checkpoint
+        path = os.path.join(self.path, f"fold_{self.folds[0]}", self.checkpoint)
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: checkpoint not found")
+        return load_multitask_checkpoint(path, mmap=True)
+
+    @property
+    def class_names(self) -> List[str]:
+        """The class names stored with the first fold's head (``CasePredictor`` checks that folds agree)."""
+        return list(self.first_entries["classification_head"]["class_names"])
+
+    @property
+    def configuration(self) -> str:
+        """The configuration the checkpoint was trained on."""
+        return self.first_entries["init_args"]["configuration"]

@@ -36,9 +36,9 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.heads import build_head, head_spec_from_checkpoint
+from multitask_nnunet.model.heads import build_head, head_spec_from_checkpoint
 from multitask_nnunet.nnunet_copies import follows
-from multitask_nnunet.network import MultitaskUNet, merge_state_dict
+from multitask_nnunet.model.network import MultitaskUNet, merge_state_dict
 from multitask_nnunet.registration import DEFAULT_ARCHITECTURE_TRAINERS, ext_trainer_path
 
 # floor added to each tile's foreground mass, relative to the tile's Gaussian mass

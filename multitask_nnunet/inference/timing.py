@@ -26,7 +26,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
-from multitask_nnunet.atomic import atomic_write_text
+from multitask_nnunet.io.atomic import atomic_write_text
 
 STARTUP, MODEL_LOAD = "start-up", "model load"
 READ, PREPROCESS, NETWORK, EXPORT, WRITE = "read", "preprocess", "network", "export", "write"

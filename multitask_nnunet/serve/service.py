@@ -30,10 +30,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from multitask_nnunet.atomic import owner_is_gone, owner_tag
+from multitask_nnunet.io.atomic import owner_is_gone, owner_tag
 from multitask_nnunet.errors import InputError, WriteError
 from multitask_nnunet.inference.options import PredictorOptions
-from multitask_nnunet.nifti import labels_volume_ml
+from multitask_nnunet.io.labels import volumes_ml
 from multitask_nnunet.serve.options import ServeOptions
 from multitask_nnunet.serve.uploads import ServiceError, Upload, assign_channels
 from multitask_nnunet.serve.viewer import Views
@@ -54,16 +54,6 @@ def remove_leftover_folders(parent: str) -> List[str]:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
             removed.append(name)
     return removed
-
-
-def volumes_ml(segmentation: np.ndarray, spacing, labels: dict) -> Dict[str, float]:
-    """Millilitres per label or region of dataset.json (a region: the voxels holding any of its labels)."""
-    volumes = {}
-    for name, value in labels.items():
-        values = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-        if any(values):
-            volumes[name] = round(labels_volume_ml(segmentation, spacing, values), 4)
-    return volumes
 
 
 @dataclass
@@ -249,7 +239,8 @@ class Service:
             "probabilities": {name: round(float(p), 6) for name, p in zip(class_names, result.probabilities)},
             "calibrated": self.predictor.temperatures is not None,  # every fold's calibration.json applied
             "uncertainty": {k: float(v) for k, v in (getattr(result, "uncertainty", None) or {}).items()},
-            "volumes_ml": volumes_ml(result.segmentation, result.properties["spacing"], self.dataset_json["labels"]),
+            "volumes_ml": volumes_ml(result.segmentation, result.properties["spacing"],
+                                     self.predictor.predictor.label_manager),
             "guide": dict(getattr(result, "guide", None) or {}),  # guide_ml, no_guide (heads.guide_summary)
             "timings": timings,
             "path": result.path,

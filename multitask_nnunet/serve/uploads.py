@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
 from multitask_nnunet.errors import write_failure
-from multitask_nnunet.nifti import channel_gaps, channel_pattern, describe_channels
+from multitask_nnunet.io.nifti import channel_gaps, channel_pattern, describe_channels
 
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")

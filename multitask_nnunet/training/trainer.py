@@ -4,8 +4,8 @@ Everything nnU-Net does (plans, preprocessing, data loading and augmentation, de
 optimizer with poly learning rate and gradient clipping at 12 for the segmentation network, the segmentation
 loss, DDP) stays nnU-Net's. This subclass adds:
 
-- the class labels, read from dataset.json (see multitask_nnunet.class_labels) and checked at initialize;
-- a classification head from the head registry (multitask_nnunet.heads): by default the guided head,
+- the class labels, read from dataset.json (see multitask_nnunet.io.class_labels) and checked at initialize;
+- a classification head from the head registry (multitask_nnunet.model.heads): by default the guided head,
   which pools encoder features where the network itself predicts the class-carrying structure and the organ
   around it, beside descriptors of both;
 - the head's own optimizer (AdamW with warm-up and poly decay, its own gradient clipping). One AMP grad
@@ -50,13 +50,13 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 from multitask_nnunet.calibration import CALIBRATION_JSON, fit_calibration, write_calibration
-from multitask_nnunet.class_csv import write_class_csvs
-from multitask_nnunet.class_labels import class_labels_for_cases, class_weights, read_class_labels
+from multitask_nnunet.io.class_csv import write_class_csvs
+from multitask_nnunet.io.class_labels import class_labels_for_cases, class_weights, read_class_labels
 from multitask_nnunet.errors import InputError, WriteError
 from multitask_nnunet.evaluation.metrics import classification_metrics, mean_probabilities_per_case
-from multitask_nnunet.heads import DEFAULT_HEAD, area_resize, build_head, head_class, plan_head, resolve_guide
+from multitask_nnunet.model.heads import DEFAULT_HEAD, area_resize, build_head, head_class, plan_head, resolve_guide
 from multitask_nnunet.nnunet_copies import follows
-from multitask_nnunet.network import MultitaskUNet, merge_state_dict, split_state_dict
+from multitask_nnunet.model.network import MultitaskUNet, merge_state_dict, split_state_dict
 from multitask_nnunet.training.logger import MultitaskLocalLogger
 from multitask_nnunet.training.seeding import SeededTraining
 
@@ -131,8 +131,8 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
     head, its optimizer or the curriculum; nnU-Net's own attributes (``num_epochs``,
     ``num_iterations_per_epoch``, ``initial_lr``, ...) work as usual."""
 
-    # ---- classification head (multitask_nnunet.heads) ----------------------------------------------------
-    #: a head class name of multitask_nnunet.heads.HEADS (default ``heads.DEFAULT_HEAD``, the guided head; see
+    # ---- classification head (multitask_nnunet.model.heads) ----------------------------------------------------
+    #: a head class name of multitask_nnunet.model.heads.HEADS (default ``heads.DEFAULT_HEAD``, the guided head; see
     #: heads.py for the others, and ``heads.register_head`` for your own)
     head_class = DEFAULT_HEAD
     #: overrides of the head's planned kwargs, e.g. {"hidden": [256], "dropout": 0.2, "pool_stages": [2, 3, 4]}

@@ -4,7 +4,7 @@
 import torch
 from torch import nn
 
-from multitask_nnunet.heads import ClassificationHead, register_head
+from multitask_nnunet.model.heads import ClassificationHead, register_head
 from multitask_test_trainers import MultitasknnUNetTrainer_TestShort
 
 

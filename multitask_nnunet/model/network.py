@@ -3,7 +3,7 @@
 The wrapper keeps the wrapped network's ``encoder`` and ``decoder`` under the same attribute names, so
 its state-dict keys are exactly nnU-Net's plus ``classification_head.*``; nnU-Net's helpers that reach for
 ``network.decoder.deep_supervision`` keep working, and the segmentation weights load into a stock network.
-The head is built elsewhere (multitask_nnunet.heads) and handed in.
+The head is built elsewhere (multitask_nnunet.model.heads) and handed in.
 """
 from typing import Dict, Tuple
 
@@ -20,7 +20,7 @@ class MultitaskUNet(nn.Module):
     ``forward(x)`` returns what nnU-Net expects (segmentation only, deep supervision as nnU-Net set it), so
     nnU-Net's predictor and trainer code can call it unchanged. ``forward(x, return_classification=True)``
     returns ``(segmentation, class_logits)`` from the same pass: the head sees the encoder's skips, the decoder's
-    highest-resolution segmentation logits and the input (see multitask_nnunet.heads). ``detach_features=True``
+    highest-resolution segmentation logits and the input (see multitask_nnunet.model.heads). ``detach_features=True``
     (the curriculum's head-only phases) feeds the head detached skips, so the classification loss sends no
     gradient into the encoder; the segmentation logits a head reads are always detached. Both go through
     ``forward`` so that DDP and torch.compile wrappers see the multi-task call too.

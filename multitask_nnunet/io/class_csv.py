@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from multitask_nnunet.atomic import atomic_write_text
+from multitask_nnunet.io.atomic import atomic_write_text
 from multitask_nnunet.errors import InputError
 
 RESULTS_CSV = "subtype_results.csv"

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from multitask_nnunet.errors import InputError
-from multitask_nnunet.nifti import labels_volume_ml
+from multitask_nnunet.io.nifti import labels_volume_ml
 
 FOREGROUND_GUIDE = "foreground"
 

@@ -86,7 +86,7 @@ def atomic_path(path: str, suffix: str = ""):
 def _check_written(tmp: str, path: str) -> None:
     """``WriteError`` if the writer left ``tmp`` (a NIfTI file) incomplete without an error; the reason is the
     full disk where the file system has (next to) no room left, else what is missing."""
-    from multitask_nnunet.nifti import written_incompletely
+    from multitask_nnunet.io.nifti import written_incompletely
     problem = written_incompletely(tmp)
     if problem is None:
         return

@@ -1,0 +1,1 @@
+"""The multitask network and its classification heads."""
