@@ -346,28 +346,22 @@ class SegGuidedHead(ClassificationHead):
         the first pass's measured values, then the linear layer fitted by L-BFGS to the class-weighted
         cross-entropy of ``MLP logits + linear(standardised descriptors)`` over all passes' records, each
         weighted by its pass, with an L2 penalty of ``REFIT_L2 * |W|^2 / (2 N)`` (N cases)."""
-        def stacked(records, i):
-            return torch.cat([r[i] for r in records]).clone()  # clone: the records may be inference tensors
+        device = self.descriptor_linear.weight.device
 
-        y = torch.as_tensor(list(labels), dtype=torch.long)
+        def stacked(records, i):  # clone: the records may be inference tensors
+            return torch.cat([r[i] for r in records]).to(device, torch.float32).clone()
+
+        y = torch.as_tensor(list(labels), dtype=torch.long, device=device)
         first = passes[0][1]
-        values, present = stacked(first, 0), stacked(first, 1).float()
-        n = present.sum(0)
-        mean = (values * present).sum(0) / n.clamp_min(1)
-        var = ((values - mean) ** 2 * present).sum(0) / n.clamp_min(1)
-        device = self.standardizer.mean.device
+        self.standardizer.set_statistics(stacked(first, 0), stacked(first, 1))
         with torch.no_grad():
-            self.standardizer.mean.copy_(torch.where(n > 0, mean, self.standardizer.mean.cpu()).to(device))
-            self.standardizer.var.copy_(torch.where(n > 1, var, self.standardizer.var.cpu()).to(device))
-            self.standardizer.count.copy_(n.to(device))
-        standardizer = self.standardizer.cpu().eval()
-        z = torch.cat([standardizer(stacked(r, 0), stacked(r, 1)) for _, r in passes])
+            z = torch.cat([self.standardizer.standardise(stacked(r, 0), stacked(r, 1)) for _, r in passes])
         offsets = torch.cat([stacked(r, 2) for _, r in passes])
         targets = y.repeat(len(passes))
-        weights = torch.cat([torch.full((len(y),), float(w)) for w, _ in passes]) * \
-            class_weights.detach().float().cpu()[targets]
-        weight = self.descriptor_linear.weight.detach().float().cpu().clone().requires_grad_(True)
-        bias = self.descriptor_linear.bias.detach().float().cpu().clone().requires_grad_(True)
+        weights = torch.cat([torch.full((len(y),), float(w), device=device) for w, _ in passes]) * \
+            class_weights.detach().to(device, torch.float32)[targets]
+        weight = self.descriptor_linear.weight.detach().float().clone().requires_grad_(True)
+        bias = self.descriptor_linear.bias.detach().float().clone().requires_grad_(True)
 
         def loss_of(w, b):
             ce = F.cross_entropy(offsets + z @ w.T + b, targets, reduction="none")
@@ -387,10 +381,8 @@ class SegGuidedHead(ClassificationHead):
             optimizer.step(closure)
         with torch.no_grad():
             after = float(loss_of(weight, bias))
-        self.standardizer.to(device)
-        with torch.no_grad():
-            self.descriptor_linear.weight.copy_(weight.detach().to(self.descriptor_linear.weight.device))
-            self.descriptor_linear.bias.copy_(bias.detach().to(self.descriptor_linear.bias.device))
+            self.descriptor_linear.weight.copy_(weight)
+            self.descriptor_linear.bias.copy_(bias)
         accuracy = float(((offsets[:len(y)] + z[:len(y)] @ weight.detach().T + bias.detach()).argmax(1) == y)
                          .float().mean())
         return (f"descriptor branch refitted on {len(y)} training cases ({len(passes) - 1} more pass(es) with the "
@@ -454,15 +446,33 @@ class RunningStandardizer(nn.Module):
         values, present = values.float(), present.float()
         if self.training:
             self._update(values, present)
+        return self.standardise(values, present)
+
+    def standardise(self, values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``values`` by the current statistics, whatever the mode."""
         sd = self.var.sqrt().clamp_min(self.min_sd)
-        return ((values - self.mean) / sd).clamp(-self.clip, self.clip) * present
+        return ((values.float() - self.mean) / sd).clamp(-self.clip, self.clip) * present.float()
+
+    @staticmethod
+    def _moments(values: torch.Tensor, present: torch.Tensor):
+        """(count, mean, variance) per feature of the present values (0 where there are none)."""
+        n = present.sum(0)
+        mean = (values * present).sum(0) / n.clamp_min(1)
+        return n, mean, ((values - mean) ** 2 * present).sum(0) / n.clamp_min(1)
+
+    @torch.no_grad()
+    def set_statistics(self, values: torch.Tensor, present: torch.Tensor) -> None:
+        """The statistics replaced by those of these present values (a feature without any keeps its mean, and
+        one with a single value its variance)."""
+        n, mean, var = self._moments(values.float(), present.float())
+        self.mean.copy_(torch.where(n > 0, mean, self.mean))
+        self.var.copy_(torch.where(n > 1, var, self.var))
+        self.count.copy_(n)
 
     @torch.no_grad()
     def _update(self, values: torch.Tensor, present: torch.Tensor) -> None:
-        n = present.sum(0)
+        n, mean, var = self._moments(values, present)
         seen = n > 0
-        mean = (values * present).sum(0) / n.clamp_min(1)
-        var = ((values - mean) ** 2 * present).sum(0) / n.clamp_min(1)
         rate = torch.where(seen, (n / (self.count + n).clamp_min(1)).clamp_min(self.momentum), torch.zeros_like(n))
         delta = mean - self.mean
         self.var.copy_(torch.where(self.count + n > 0, (1 - rate) * self.var + rate * var

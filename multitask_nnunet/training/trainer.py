@@ -126,6 +126,14 @@ def resolve_curriculum(num_epochs: int, seg_warmup_fraction: float = 0.05, phase
     return Curriculum(int(warmup), int(phase1), int(head_warmup), int(ramp))
 
 
+def _case_data(dataset, key: str):
+    """(data tensor, properties) of one preprocessed case of an nnU-Net dataset."""
+    data, _, _, properties = dataset.load_case(key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # non-writable numpy array
+        return torch.from_numpy(data[:]), properties
+
+
 class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
     """Subclass it (nnU-Net style, in your own ``nnUNet_extTrainer`` folder) and override these to change the
     head, its optimizer or the curriculum; nnU-Net's own attributes (``num_epochs``,
@@ -526,6 +534,14 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
                                    f"classification head has collapsed (see TechReport.md, 'Classification that "
                                    f"learns')")
 
+    def _predictor(self, predictor):
+        """``predictor`` (a MultitaskPredictor) set up on this trainer's network, plans and dataset, as final
+        validation and the head's refit use it."""
+        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
+                                        self.dataset_json, self.__class__.__name__,
+                                        self.inference_allowed_mirroring_axes)
+        return predictor
+
     # ------------------------------------------------------------------ end of training
     def on_train_end(self):
         """The head's refit (``refit_head``), then nnU-Net's on_train_end, which writes ``checkpoint_final.pth``."""
@@ -545,20 +561,14 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
             return
         self.set_deep_supervision_enabled(False)
         self.network.eval()
-        predictor = MultitaskPredictor(use_mirroring=False, device=self.device, mode='whole')
-        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
-                                        self.dataset_json, self.__class__.__name__,
-                                        self.inference_allowed_mirroring_axes)
+        predictor = self._predictor(MultitaskPredictor(use_mirroring=False, device=self.device, mode='whole'))
         tr_keys, _ = self.do_split()
         dataset = self.dataset_class(self.preprocessed_dataset_folder, tr_keys)
         started, recorded = time(), []
         for weight, context in passes:
             with context, head.recording() as records:
                 for key in dataset.identifiers:
-                    data, _, _, _ = dataset.load_case(key)
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # non-writable numpy array
-                        predictor.predict_preprocessed_case(torch.from_numpy(data[:]))
+                    predictor.predict_preprocessed_case(_case_data(dataset, key)[0])
             if len(records) != len(dataset.identifiers):
                 raise RuntimeError(f"head refit: {len(records)} records for {len(dataset.identifiers)} cases")
             recorded.append((weight, list(records)))
@@ -632,11 +642,8 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
             raise NotImplementedError(f"{self.__class__.__name__} does not support cascaded configurations")
         self.set_deep_supervision_enabled(False)
         self.network.eval()
-        predictor = MultitaskPredictor(tile_step_size=0.5, use_mirroring=self.final_validation_mirroring,
-                                       device=self.device, mode='sliding')
-        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
-                                        self.dataset_json, self.__class__.__name__,
-                                        self.inference_allowed_mirroring_axes)
+        predictor = self._predictor(MultitaskPredictor(
+            tile_step_size=0.5, use_mirroring=self.final_validation_mirroring, device=self.device, mode='sliding'))
         validation_folder = join(self.output_folder, 'validation')
         maybe_mkdir_p(validation_folder)
         _, val_keys = self.do_split()
@@ -651,10 +658,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
                 while check_workers_alive_and_busy(export_pool, workers, results, allowed_num_queued=2):
                     sleep(0.1)
                 self.print_to_log_file(f"predicting {key}")
-                data, _, _, properties = dataset_val.load_case(key)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # non-writable numpy array
-                    data = torch.from_numpy(data[:])
+                data, properties = _case_data(dataset_val, key)
                 prediction = predictor.predict_preprocessed_case(data)  # the one-case path of predict
                 logits, probabilities[key] = prediction.logits, prediction.probabilities
                 if head.uses_guide:
