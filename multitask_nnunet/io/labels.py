@@ -1,8 +1,10 @@
 """The ``labels`` of dataset.json: what a mask may hold, how nnU-Net trains it, which regions are scored.
 
-Every reader of a ``labels`` entry goes through this module, and every label set becomes nnU-Net's own
-``LabelManager`` (:func:`label_manager`), so that conversion, evaluation and the service read labels the way
-planning, training and inference do.
+Every reader of a ``labels`` entry goes through this module. A spec is checked here as nnU-Net's
+``LabelManager`` would read it (the tests compare the two), and the service reads a model's labels through
+that model's own ``LabelManager``, so that conversion, evaluation and the service read labels the way
+planning, training and inference do. Checking a spec does not import nnU-Net's label handling, which
+imports torch: a command refusing its input answers at once.
 
 A spec is nnU-Net's format: ``labels`` maps names to a label or, for region-based training, a list of
 labels; ``regions_class_order`` is required with regions. The package default is generic: two nested
@@ -25,13 +27,17 @@ them), as in nnU-Net.
 * Without one (a quiz-layout or flat ground truth), nothing is assumed about what the labels mean: one region
   ``label_<v>`` per foreground label value found in the ground truth, plus ``foreground`` (any label > 0).
 """
+from __future__ import annotations
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
-from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+if TYPE_CHECKING:
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.io.nifti import labels_volume_ml
@@ -47,11 +53,6 @@ def members(value) -> Tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
-def label_manager(labels: dict, regions_class_order: Optional[List[int]] = None) -> LabelManager:
-    """nnU-Net's ``LabelManager`` of a checked ``labels`` entry (regions, ignore label, all labels)."""
-    return LabelManager(label_dict=labels, regions_class_order=regions_class_order)
-
-
 @dataclass(frozen=True)
 class LabelSpec:
     labels: Dict[str, Union[int, List[int]]]
@@ -61,15 +62,10 @@ class LabelSpec:
         check_label_spec(self.labels, self.regions_class_order, "label spec")
 
     @property
-    def label_manager(self) -> LabelManager:
-        return label_manager(self.labels, self.regions_class_order)
-
-    @property
     def values(self) -> List[int]:
-        """Every integer a converted mask may contain (ignore label included if the spec declares one)."""
-        manager = self.label_manager
-        extra = [manager.ignore_label] if manager.has_ignore_label else []
-        return sorted(int(v) for v in {*manager.all_labels, *extra})
+        """Every integer a converted mask may contain (ignore label included if the spec declares one): the
+        labels of nnU-Net's ``LabelManager`` plus its ignore label, read off the checked spec."""
+        return sorted({int(v) for value in self.labels.values() for v in members(value)})
 
     def with_ignore(self) -> "LabelSpec":
         """The spec plus an ignore label one above the highest label, as nnU-Net requires."""
