@@ -37,8 +37,11 @@ Measured per trainer:
 - test, against the oracle: a logistic regression (``multitask_nnunet.conversion.synthetic.oracle_macro_f1``)
   fitted on the truth features of the ``train`` cases (fold 0's training set; make-synthetic's
   ``truth_features.csv``, measured on the true masks) and scored on the test cases: the macro-F1 that the true
-  masks' measurable features allow, with all features and with the volumes alone (lesion, pancreas, share).
-  Per multitask trainer: its test macro-F1 over the oracle's; the test cases whose lesion it missed (its
+  masks' measurable features allow, with all features and with the volumes alone (lesion, pancreas, share);
+  and, when stock is among the trainers, the same regression on the same features measured on stock's
+  predicted masks (its training cases' masks, ``nnUNetv2_predict --disable_tta``, for the fit; its test masks
+  for the score): what this schedule's segmentation leaves of the oracle.
+  Per multitask trainer: its test macro-F1 over each oracle's; the test cases whose lesion it missed (its
   predicted lesion, the highest label, shares no voxel with the true one): how many, and the macro-F1 on those
   and on the others; ECE (``multitask-nnunet evaluate``: 15 bins on the max probability); the mean confidence
   (max probability) on missed and on found cases. The missed count is given for stock as well.
@@ -410,6 +413,42 @@ def oracle(source: Path) -> dict:
             "model": "logistic regression: standardised features, balanced class weights, random_state 0"}
 
 
+def stock_mask_oracle(args, plans: str, source: Path, run_dir: Path, env: dict, test_masks: Path) -> dict:
+    """The oracle at this schedule's segmentation: the same logistic regression on the same features, measured on
+    stock's predicted masks instead of the true ones, fitted on the train cases (stock's masks of its own
+    training cases: ``nnUNetv2_predict --disable_tta``) and scored on the test cases (stock's test masks, as
+    predicted above). What a head that reads these features perfectly could reach from the masks this schedule's
+    segmentation gives; the truth oracle minus this is the segmentation's share of the gap."""
+    import SimpleITK as sitk
+    from multitask_nnunet.conversion.synthetic import oracle_macro_f1, truth_features
+    from multitask_nnunet.io.nifti import read_label_map
+    rows = truth_feature_rows(source)
+    images = run_dir / "train_images"  # the training cases' images, flat, as nnUNetv2_predict reads them
+    images.mkdir(parents=True, exist_ok=True)
+    for image in sorted((source / "train").glob("*/*_0000.nii.gz")):
+        if not (images / image.name).exists():
+            (images / image.name).symlink_to(image)
+    out = run_dir / "predictions_train" / STOCK_TRAINER
+    record_file = run_dir / "records" / f"{STOCK_TRAINER}_predict_train.json"
+    if not record_file.is_file():
+        n_proc = "1" if args.device == "cpu" else "3"
+        save({"predict_seconds": run(command(
+            "nnUNetv2_predict", "-i", images, "-o", out, "-d", DATASET_ID, "-c", CONFIGURATION, "-f", "0",
+            "-tr", STOCK_TRAINER, "-p", plans, "-device", args.device, "-npp", n_proc, "-nps", n_proc,
+            "--disable_tta", "--continue_prediction"), env, run_dir / "logs" / f"{STOCK_TRAINER}_predict_train.log")},
+            record_file)
+
+    def measured(split: str, image_folder, masks: Path) -> list:
+        return [{"Names": r["Names"], "Subtype": r["Subtype"],
+                 **truth_features(sitk.ReadImage(str(image_folder / r["Names"].replace(".nii.gz", "_0000.nii.gz"))),
+                                  read_label_map(masks / r["Names"]))}
+                for r in rows if r["split"] == split]
+
+    train, test = measured("train", images, out), measured("test", source / "test", test_masks)
+    return {"macro_f1_stock_masks": oracle_macro_f1(train, test),
+            "stock_masks": "train: nnUNetv2_predict --disable_tta on the training cases; test: stock's test masks"}
+
+
 def missed_lesions(pred_dir: Path, gt: Path, raw: Path) -> dict:
     """``{case: missed}`` over the test cases: missed when the predicted lesion (the highest label) shares no
     voxel with the true lesion."""
@@ -509,17 +548,21 @@ def oracle_lines(figures: dict) -> list:
     return [f"oracle: logistic regression on the true masks' features, fitted on the {figures['n_train']} train "
             f"cases, scored on the {figures['n_test']} test cases (macro-F1)",
             f"  {'oracle, all truth features':<36} {figures['macro_f1']:.3f}",
+            *([f"  {'oracle on stock masks':<36} {figures['macro_f1_stock_masks']:.3f}  (the same features "
+               f"measured on {STOCK_TRAINER}'s predicted masks, train and test)"]
+              if figures.get("macro_f1_stock_masks") is not None else []),
             f"  {'oracle, volumes only':<36} {figures['macro_f1_volumes_only']:.3f}  "
             f"({', '.join(figures['volume_features'])})"]
 
 
 def oracle_table(results: dict, figures: dict) -> str:
     """Test classification beside the oracle: F1 and its share of the oracle's, calibration, missed lesions."""
-    header = (f"{'trainer':<36} {'test F1':>7} {'/oracle':>7} {'ECE':>6} {'missed':>9} {'F1 missed':>9} "
-              f"{'F1 found':>8} {'conf missed':>11} {'conf found':>10}")
+    header = (f"{'trainer':<36} {'test F1':>7} {'/oracle':>7} {'/stock masks':>12} {'ECE':>6} {'missed':>9} "
+              f"{'F1 missed':>9} {'F1 found':>8} {'conf missed':>11} {'conf found':>10}")
     lines = oracle_lines(figures) + ["", header, "-" * len(header)]
     for trainer, r in results.items():
         lines.append(f"{trainer:<36} {fmt(r['test_macro_f1']):>7} {fmt(r.get('test_f1_over_oracle')):>7} "
+                     f"{fmt(r.get('test_f1_over_stock_mask_oracle')):>12} "
                      f"{fmt(r.get('test_ece')):>6} {r['test_missed_lesions']:>3} of {figures['n_test']:<2} "
                      f"{fmt(r.get('test_macro_f1_missed')):>9} {fmt(r.get('test_macro_f1_found')):>8} "
                      f"{fmt(r.get('test_confidence_missed')):>11} {fmt(r.get('test_confidence_found')):>10}")
@@ -667,8 +710,17 @@ def main(argv=None) -> int:
             print(f"{trainer} FAILED: {e}", flush=True)
             continue
         results[trainer] = {"multitask": multitask[trainer], **record, **figures, **test}
-        if results[trainer]["test_macro_f1"] is not None and oracle_figures["macro_f1"] > 0:
-            results[trainer]["test_f1_over_oracle"] = results[trainer]["test_macro_f1"] / oracle_figures["macro_f1"]
+        if trainer == STOCK_TRAINER:
+            try:
+                oracle_figures.update(stock_mask_oracle(args, plans["name"], data / "synthetic", run_dir, env,
+                                                        Path(test["predictions"])))
+            except SystemExit as e:
+                failed[f"{trainer} (training-case masks)"] = str(e)
+    for r in results.values():
+        for key, reference in (("test_f1_over_oracle", "macro_f1"),
+                               ("test_f1_over_stock_mask_oracle", "macro_f1_stock_masks")):
+            if r["test_macro_f1"] is not None and (oracle_figures.get(reference) or 0) > 0:
+                r[key] = r["test_macro_f1"] / oracle_figures[reference]
 
     report = table(results) + "\n\n" + oracle_table(results, oracle_figures) + \
         "".join(f"\nFAILED {t}: {message}" for t, message in failed.items())

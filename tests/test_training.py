@@ -39,8 +39,8 @@ def test_checkpoint_holds_head_and_stock_weights(trained):
     assert [len(g["params"]) for g in groups] == [n_head - 2, 2] and len(head_state["state"]) == n_head
     assert [g["lr_scale"] for g in groups] == [1.0, SegGuidedHead.DESCRIPTOR_LR_SCALE]
     assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * SegGuidedHead.DESCRIPTOR_LR_SCALE)
-    # the statistics were collected in training: the organ's volume (column 1) is measured in every case
-    assert int(head["state_dict"]["standardizer.count"][1]) > 0
+    # the refit set the statistics from the fold's 18 training cases: the organ's volume (column 1) in each
+    assert int(head["state_dict"]["standardizer.count"][1]) == 18
     # nnU-Net's decoder holds the encoder, so its keys appear twice in the state dict: count tensors, not keys
     n_seg = len({v.data_ptr() for v in checkpoint["network_weights"].values()})
     assert len(checkpoint["optimizer_state"]["param_groups"][0]["params"]) == n_seg
@@ -57,6 +57,11 @@ def test_log_shows_f1_and_progress_png_exists(trained):
     # cases, once more with the guide removed
     refit = log.index("Head refit: descriptor branch refitted on 18 training cases (1 more pass(es) with the guide")
     assert log.index("Epoch 11") < refit < log.index("Training done.")
+    # and checkpoint_best.pth's head, on that checkpoint's own segmentation, which it keeps
+    best_refit = log.index("Head refit of checkpoint_best.pth: descriptor branch refitted on 18 training cases")
+    assert refit < best_refit < log.index("Training done.")
+    best = torch.load(trained.fold0 / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    assert int(best["classification_head"]["state_dict"]["standardizer.count"][1]) == 18
     assert "Head pooling weight on the ground-truth guide structure (train):" in log
     # one value per epoch; it measures where the head pooled, so it lies in [0, 1] once there is a lesion
     logging = torch.load(trained.fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]

@@ -34,7 +34,7 @@ from typing import List, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join, maybe_mkdir_p, save_json
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, maybe_mkdir_p, save_json
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
@@ -50,6 +50,7 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 from multitask_nnunet.calibration import CALIBRATION_JSON, fit_calibration, write_calibration
+from multitask_nnunet.io.atomic import atomic_path
 from multitask_nnunet.io.class_csv import write_class_csvs
 from multitask_nnunet.io.class_labels import class_labels_for_cases, class_weights, read_class_labels
 from multitask_nnunet.errors import InputError, WriteError
@@ -544,15 +545,17 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
 
     # ------------------------------------------------------------------ end of training
     def on_train_end(self):
-        """The head's refit (``refit_head``), then nnU-Net's on_train_end, which writes ``checkpoint_final.pth``."""
+        """The head's refit (``refit_head``) in the final network and in ``checkpoint_best.pth``
+        (``refit_best_checkpoint``), then nnU-Net's on_train_end, which writes ``checkpoint_final.pth``."""
         self.refit_head()
+        self.refit_best_checkpoint()
         super().on_train_end()
 
-    def refit_head(self) -> None:
+    def refit_head(self, of: str = "") -> None:
         """For a head with ``refit_passes``: every training case of the fold predicted once per pass, as
         ``multitask-nnunet predict`` would (one whole-volume forward, no mirroring, eval mode), while the head
-        records what it refits from; then ``head.refit``. Without augmentation and with the final
-        segmentation, this is what the head meets at inference. ``checkpoint_best.pth`` keeps the head as trained."""
+        records what it refits from; then ``head.refit``. Without augmentation and with the network's own
+        segmentation, this is what the head meets at inference. ``of`` names the network in the log line."""
         from multitask_nnunet.inference.predictor import MultitaskPredictor
 
         head = self._unwrapped_network().classification_head
@@ -574,9 +577,33 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
             recorded.append((weight, list(records)))
         labels = [self.class_labels.label_of(k) for k in dataset.identifiers]
         message = head.refit(recorded, labels, self.classification_loss.weight)
-        self.print_to_log_file(f"Head refit: {message} ({time() - started:.1f} s)")
+        self.print_to_log_file(f"Head refit{of}: {message} ({time() - started:.1f} s)")
         self.set_deep_supervision_enabled(True)
         self.network.train()
+
+    def refit_best_checkpoint(self) -> None:
+        """``checkpoint_best.pth``'s head refitted as ``refit_head`` refits the final one, on that checkpoint's own
+        segmentation, so that ``predict -chk checkpoint_best.pth`` meets a refitted head too; the final network's
+        weights are put back afterwards."""
+        path = join(self.output_folder, 'checkpoint_best.pth')
+        network = self._unwrapped_network()
+        if self.disable_checkpointing or not network.classification_head.refit_passes() or not isfile(path):
+            return
+        checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+        final = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        network.load_state_dict(merge_state_dict(checkpoint['network_weights'],
+                                                 checkpoint['classification_head']['state_dict']))
+        try:
+            self.refit_head(" of checkpoint_best.pth")
+            checkpoint['classification_head']['state_dict'] = {
+                k: v.detach().clone() for k, v in split_state_dict(network.state_dict())[1].items()}
+            if self.local_rank == 0:
+                # torch.save given a name takes the archive's name from it up to the first dot: empty for
+                # the temporary's dotted name, so it writes through a file object
+                with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+                    torch.save(checkpoint, f)
+        finally:
+            network.load_state_dict(final)
 
     # ------------------------------------------------------------------ checkpoints
     @follows(nnUNetTrainer.save_checkpoint, "3ae275b9ebfb")
