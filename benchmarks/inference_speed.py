@@ -127,8 +127,9 @@ SAME_TTA = {E2E_OURS: E2E_STOCK_NO_TTA, E2E_OURS_TTA: E2E_STOCK}
 def end_to_end_commands(model_dir, folds, checkpoint, device, input_dir, work) -> dict:
     """{method: (command, output folder)}; ours also write their per-case profile into the output folder."""
     folds = [str(f) for f in folds]
-    bin_dir = os.path.dirname(sys.executable)
-    stock = [os.path.join(bin_dir, "nnUNetv2_predict_from_modelfolder"), "-i", input_dir, "-m", model_dir, "-f",
+    # this environment's console script, else the one on PATH (pip --target installs put scripts elsewhere)
+    script = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_predict_from_modelfolder")
+    stock = [script if os.path.exists(script) else "nnUNetv2_predict_from_modelfolder", "-i", input_dir, "-m", model_dir, "-f",
              *folds, "-chk", checkpoint, "-device", device, "--disable_progress_bar"]
     ours = [sys.executable, "-m", "multitask_nnunet.cli", "predict", "-i", input_dir, "-m", model_dir, "-f", *folds,
             "-chk", checkpoint, "--device", device]
@@ -206,6 +207,9 @@ def end_to_end(args, model_dir, cases, folds, spec) -> int:
             for method, (command, out) in commands.items():
                 shutil.rmtree(out, ignore_errors=True)
                 seconds[method].append(timed_command(command, env))
+                # each time as it comes: a run stopped at a time limit still leaves the finished commands' figures
+                print(f"  {method}: {seconds[method][-1]:.2f} s ({seconds[method][-1] / len(cases):.2f} s/case)",
+                      flush=True)
         wall = {m: statistics.median(s) for m, s in seconds.items()}
         dice = {m: agreement(commands[SAME_TTA[m]][1], commands[m][1], cases, spec.regions, spec.ignore_label)
                 for m in SAME_TTA}
