@@ -98,7 +98,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER_FOLDER = Path(__file__).resolve().parent / "trainers"
-BIN = Path(sys.executable).parent
 
 DATASET_ID = 601
 DATASET = f"Dataset{DATASET_ID}_ClsBenchQuiz"
@@ -122,8 +121,9 @@ ECHO = ("Epoch ", "Current learning rate", "train_loss", "val_loss", "Pseudo dic
 
 def command(name: str, *args) -> list:
     """A console script of this environment (nnU-Net's or ours)."""
-    exe = BIN / name
-    return [str(exe) if exe.exists() else name, *map(str, args)]
+    from multitask_nnunet.registration import console_script
+
+    return [console_script(name), *map(str, args)]
 
 
 def run(cmd: list, env: dict, log: Path = None, echo: bool = False) -> float:

@@ -67,7 +67,7 @@ from multitask_nnunet.inference.batch import BatchOptions, PredictorOptions, pre
 from multitask_nnunet.io.nifti import read_geometry, read_label_map
 from multitask_nnunet.inference.cases import list_cases
 from multitask_nnunet.inference.timing import STAGES
-from multitask_nnunet.registration import environment_with_trainers, ext_trainer_path
+from multitask_nnunet.registration import console_script, environment_with_trainers, ext_trainer_path
 
 GENERATED_CASES = 72  # the quiz's test set
 
@@ -127,10 +127,8 @@ SAME_TTA = {E2E_OURS: E2E_STOCK_NO_TTA, E2E_OURS_TTA: E2E_STOCK}
 def end_to_end_commands(model_dir, folds, checkpoint, device, input_dir, work) -> dict:
     """{method: (command, output folder)}; ours also write their per-case profile into the output folder."""
     folds = [str(f) for f in folds]
-    # this environment's console script, else the one on PATH (pip --target installs put scripts elsewhere)
-    script = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_predict_from_modelfolder")
-    stock = [script if os.path.exists(script) else "nnUNetv2_predict_from_modelfolder", "-i", input_dir, "-m", model_dir, "-f",
-             *folds, "-chk", checkpoint, "-device", device, "--disable_progress_bar"]
+    stock = [console_script("nnUNetv2_predict_from_modelfolder"), "-i", input_dir, "-m", model_dir, "-f", *folds,
+             "-chk", checkpoint, "-device", device, "--disable_progress_bar"]
     ours = [sys.executable, "-m", "multitask_nnunet.cli", "predict", "-i", input_dir, "-m", model_dir, "-f", *folds,
             "-chk", checkpoint, "--device", device]
     commands = {}

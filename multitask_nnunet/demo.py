@@ -21,6 +21,7 @@ from pathlib import Path
 
 from multitask_nnunet.console import ChatterFilter, python_warnings_setting
 from multitask_nnunet.errors import InputError, warn
+from multitask_nnunet.registration import console_script
 
 DATASET_ID = 999
 DATASET = f"Dataset{DATASET_ID}_SyntheticDemo"
@@ -48,11 +49,9 @@ def _step(number: int, text: str) -> None:
 def _run(cmd: list, env: dict) -> None:
     """Run a stock nnU-Net command; its stdout passes through the chatter filter (console.py), its stderr as is."""
     print("+ " + " ".join(cmd), flush=True)
-    bin_dir = os.path.dirname(sys.executable)
-    exe = os.path.join(bin_dir, cmd[0])
     out = ChatterFilter(sys.stdout)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with subprocess.Popen([exe if os.path.exists(exe) else cmd[0], *cmd[1:]], env={**env, "PYTHONUNBUFFERED": "1"},
+    with subprocess.Popen([console_script(cmd[0]), *cmd[1:]], env={**env, "PYTHONUNBUFFERED": "1"},
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as process:
         for chunk in iter(lambda: process.stdout.read1(65536), b""):
             out.write(decoder.decode(chunk))

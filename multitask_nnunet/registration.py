@@ -5,6 +5,7 @@ modules to look for the trainer class by name. ``ext_trainers/`` holds one modul
 trainers, so nothing is copied into nnU-Net's own folder.
 """
 import os
+import sys
 
 # Our trainers (training/trainer.py, training/variants.py) whose segmentation architecture is nnU-Net's default
 # builder, ``nnUNetTrainer.build_network_architecture`` (get_network_from_plans with the plans' architecture
@@ -30,6 +31,13 @@ def environment_with_trainers(env: dict = None) -> dict:
     env = dict(os.environ if env is None else env)
     env["nnUNet_extTrainer"] = ext_trainer_path(env.get("nnUNet_extTrainer", ""))
     return env
+
+
+def console_script(name: str) -> str:
+    """The console script ``name`` (nnU-Net's or ours) of the running interpreter's environment, else ``name`` for
+    PATH to resolve: a ``pip install --target`` puts the scripts in its own ``bin/``, not beside the interpreter."""
+    exe = os.path.join(os.path.dirname(sys.executable), name)
+    return exe if os.path.exists(exe) else name
 
 
 def add_parser(subparsers):

@@ -23,7 +23,8 @@
 #                   optimizers train compiled, and what the compilation costs
 #   all             classification and speed; then compile if COMPILE_LIMIT seconds are left before DEADLINE
 # Every log and JSON goes to $OUT as it is written, so a command stopped at its limit still returns them.
-# Environment: MODEL (speed: a model folder instead of the classification step's), DEVICE (cuda; cpu only to check this script without a GPU), EPOCHS, ITERATIONS, VAL_ITERATIONS,
+# Environment: MODEL (speed: a model folder instead of the classification step's), DEVICE (cuda; cpu only to
+# check this script without a GPU), EPOCHS, ITERATIONS, VAL_ITERATIONS,
 # CLS_ARGS (more arguments for classification_learning.py, e.g. "--difficulty hard --cases 36 --test-cases 15"),
 # TRAIN_SEED (unset: unseeded), NUM_PROC_DA (unset: the benchmark's default, 8 on CUDA, 1 with a seed), MAX_CASES (speed: the first N test images; default all
 # 12), SPEED_INPUT (test or generated; default test), WORKDIR (/tmp/mtn_gpu), CLS_LIMIT and SPEED_LIMIT (seconds, default 420 and 150), SITE (/tmp/site),
@@ -65,16 +66,17 @@ classification() {
 }
 
 speed() {
-    local model images
+    local model images cases=() input=(--data "$WORKDIR/speed_cases")
     model=${MODEL:-$(ls -d "$WORKDIR"/cls/data_*/runs/*/nnUNet_results/*/MultitasknnUNetTrainer_ClsBench__* 2>/dev/null | head -1)}
-    images=$(ls -d "$WORKDIR"/cls/data_*/synthetic/test 2>/dev/null | head -1)
-    [ "${SPEED_INPUT:-test}" = generated ] && images=generated
-    if [ -z "$model" ] || [ -z "$images" ]; then echo "speed: run the classification step first (or set MODEL)"; return 1; fi
+    [ -n "$model" ] || { echo "speed: run the classification step first, or set MODEL"; return 1; }
+    if [ "${SPEED_INPUT:-test}" != generated ]; then
+        images=$(ls -d "$WORKDIR"/cls/data_*/synthetic/test 2>/dev/null | head -1)
+        [ -n "$images" ] || { echo "speed: run the classification step first, or set SPEED_INPUT=generated"; return 1; }
+        input=(-i "$images")
+    fi
     # stock nnUNetv2_predict looks the model's trainer class up by name: the benchmark's trainers
     export nnUNet_extTrainer="$PWD/benchmarks/trainers${nnUNet_extTrainer:+:$nnUNet_extTrainer}"
-    local cases=() input=(-i "$images")
     [ -n "${MAX_CASES:-}" ] && cases=(--max-cases "$MAX_CASES")
-    [ "${SPEED_INPUT:-test}" = generated ] && input=(--data "$WORKDIR/speed_cases")
     timeout -s KILL "${SPEED_LIMIT:-150}" python3 benchmarks/inference_speed.py --end-to-end -m "$model" \
         "${input[@]}" --device "$DEVICE" "${cases[@]}" --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log"
 }
