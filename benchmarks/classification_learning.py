@@ -45,6 +45,14 @@ Measured per trainer:
   predicted lesion, the highest label, shares no voxel with the true one): how many, and the macro-F1 on those
   and on the others; ECE (``multitask-nnunet evaluate``: 15 bins on the max probability); the mean confidence
   (max probability) on missed and on found cases. The missed count is given for stock as well.
+- pool (``--pool-cases N``, default 150 with ``--difficulty hard``, else 0): N more test cases, drawn by the
+  same generator with another seed (``--pool-seed``; images and masks made once under
+  ``WORKDIR/pool_*``, shared by every run), predicted by each multitask trainer through ``multitask-nnunet
+  predict`` at its defaults (auto mode, no TTA) and scored by ``multitask-nnunet evaluate``: macro-F1, its ratio
+  to the oracle on the same cases (the regression fitted on the same training cases), Dice, missed lesions,
+  ECE and confidence. On 15 test cases one case moves macro-F1 by about 0.07; on 150 by under 0.01, so the
+  pool is what a difference between heads is read on. Stock is not run on the pool (its Dice is compared on
+  the test cases, at equal inference).
 The tables are printed at the end; ``--json FILE`` writes every figure, the settings and the machine.
 ``--oracle-only`` makes (or reuses) the data and prints the oracle alone, in seconds.
 
@@ -483,6 +491,47 @@ def missed_and_found(pred_dir: Path, metrics: dict, missed: dict) -> dict:
     return figures
 
 
+def make_pool(args, workdir: Path, env: dict) -> Path:
+    """The pool of extra test cases (``make-synthetic``, seed ``--pool-seed``, test split only; three training
+    cases because make-synthetic needs one per class, unused), made unless there already."""
+    pool = workdir / (f"pool_quiz_s{args.pool_seed}_c{args.classes}_n{args.pool_cases}"
+                      + ("_hard" if args.difficulty == "hard" else "")) / "synthetic"
+    if not (pool / "test_labels").is_dir():
+        run(command("multitask-nnunet", "make-synthetic", "-o", pool, "--geometry", "quiz", "--cases", args.classes,
+                    "--validation-cases", 0, "--test-cases", args.pool_cases, "--classes", args.classes,
+                    "--seed", args.pool_seed, "--difficulty", args.difficulty, "--overwrite"), env)
+    return pool
+
+
+def pool_oracle(source: Path, pool: Path) -> dict:
+    """The oracle's regression, fitted on the benchmark's ``train`` cases as for the test cases, scored on the
+    pool's cases."""
+    from multitask_nnunet.conversion.synthetic import oracle_macro_f1
+    train = [r for r in truth_feature_rows(source) if r["split"] == "train"]
+    cases = [r for r in truth_feature_rows(pool) if r["split"] == "test"]
+    return {"pool_macro_f1": oracle_macro_f1(train, cases), "n_pool": len(cases), "pool": str(pool)}
+
+
+def pool_scores(args, trainer: str, model: Path, pool: Path, raw: Path, run_dir: Path, env: dict) -> dict:
+    """A multitask trainer's figures on the pool: ``multitask-nnunet predict`` at its defaults, then
+    ``evaluate``."""
+    out = run_dir / "predictions_pool" / trainer
+    record_file = run_dir / "records" / f"{trainer}_predict_pool_{pool.parent.name}.json"
+    if not record_file.is_file():
+        save({"predict_seconds": run(command("multitask-nnunet", "predict", "-i", pool / "test", "-o", out, "-m",
+                                             model, "-f", "0", "--device", args.device), env,
+                                     run_dir / "logs" / f"{trainer}_predict_pool.log")}, record_file)
+    metrics_file = run_dir / "evaluation" / f"{trainer}_pool.json"
+    run(command("multitask-nnunet", "evaluate", "--pred", out, "--gt", pool / "test_labels", "--dataset-json",
+                raw / "dataset.json", "--json", metrics_file), env, run_dir / "logs" / f"{trainer}_evaluate_pool.log")
+    metrics = load(metrics_file)
+    missed = missed_lesions(out, pool / "test_labels", raw)
+    whole, lesion = whole_and_lesion(dict(metrics["dice"]), raw)
+    return {"pool_macro_f1": metrics["macro_f1"], "pool_dice_whole": whole, "pool_dice_lesion": lesion,
+            "pool_missed_lesions": sum(missed.values()), "pool_predict_seconds": load(record_file)["predict_seconds"],
+            **{"pool_" + k[len("test_"):]: v for k, v in missed_and_found(out, metrics, missed).items()}}
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
@@ -571,6 +620,23 @@ def oracle_table(results: dict, figures: dict) -> str:
     return "\n".join(lines)
 
 
+def pool_table(results: dict, figures: dict) -> str:
+    """The multitask trainers on the pool, beside the oracle on the same cases."""
+    header = (f"{'trainer':<36} {'pool F1':>7} {'/oracle':>7} {'Dice whole':>10} {'lesion':>7} {'ECE':>6} "
+              f"{'missed':>10} {'F1 missed':>9} {'conf missed':>11} {'conf found':>10}")
+    lines = [f"pool: {figures['n_pool']} more test cases (another seed); oracle on them {figures['pool_macro_f1']:.3f} "
+             f"(fitted on the same {figures['n_train']} train cases); multitask-nnunet predict at its defaults",
+             header, "-" * len(header)]
+    for trainer, r in results.items():
+        if r.get("pool_macro_f1") is None:
+            continue
+        lines.append(f"{trainer:<36} {r['pool_macro_f1']:>7.3f} {r['pool_macro_f1'] / figures['pool_macro_f1']:>7.2f} "
+                     f"{r['pool_dice_whole']:>10.4f} {r['pool_dice_lesion']:>7.4f} {fmt(r.get('pool_ece')):>6} "
+                     f"{r['pool_missed_lesions']:>3} of {figures['n_pool']:<3} {fmt(r.get('pool_macro_f1_missed')):>9} "
+                     f"{fmt(r.get('pool_confidence_missed')):>11} {fmt(r.get('pool_confidence_found')):>10}")
+    return "\n".join(lines)
+
+
 def machine(device: str) -> dict:
     import torch
     from importlib.metadata import version
@@ -623,6 +689,10 @@ def parse_args(argv=None):
     p.add_argument("--difficulty", choices=["easy", "hard"], default="easy",
                    help="make-synthetic --difficulty: easy, the class unmistakable in the lesion's look; hard, "
                         "overlapping classes and the quiz's lesion sizes (easy)")
+    p.add_argument("--pool-cases", type=int,
+                   help="extra test cases from another seed, scored for the multitask trainers (default: 150 with "
+                        "--difficulty hard, else 0)")
+    p.add_argument("--pool-seed", type=int, default=11, help="seed of the pool's cases (11)")
     p.add_argument("--train-seed", type=int,
                    help="seed every trainer (stock too) with this: the same initial segmentation weights and batches "
                         "for all, so stock and multitask runs pair (default: unseeded, nnU-Net's behaviour)")
@@ -640,6 +710,10 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.plans = args.plans or ("small" if args.device == "cpu" else "default")
+    if args.pool_cases is None:
+        args.pool_cases = 150 if args.difficulty == "hard" else 0
+    if args.pool_cases and args.pool_seed == args.seed:
+        p.error(f"--pool-seed {args.pool_seed} is the data's --seed: the pool would repeat the benchmark's cases")
     # one augmentation worker with a seed: nnU-Net takes batches in the order its workers finish them
     args.num_proc_da = args.num_proc_da or (1 if args.train_seed is not None else 2 if args.device == "cpu" else 8)
     return args
@@ -696,6 +770,10 @@ def main(argv=None) -> int:
     if args.prepare_only:
         return 0
 
+    pool = None
+    if args.pool_cases:
+        pool = make_pool(args, args.workdir.resolve(), env)
+        oracle_figures.update(pool_oracle(data / "synthetic", pool))
     results, failed = {}, {}
     for trainer in args.trainers:
         print(f"\n=== {trainer} ({'multitask' if multitask[trainer] else 'stock, segmentation only'})", flush=True)
@@ -705,6 +783,8 @@ def main(argv=None) -> int:
             figures = training_figures(model, multitask[trainer])
             test = predict_and_evaluate(args, trainer, multitask[trainer], model, plans["name"], data / "synthetic",
                                         data / "nnUNet_raw" / DATASET, run_dir, env)
+            if pool is not None and multitask[trainer]:
+                test.update(pool_scores(args, trainer, model, pool, data / "nnUNet_raw" / DATASET, run_dir, env))
         except SystemExit as e:  # a failed command: report it, go on with the next trainer
             failed[trainer] = str(e)
             print(f"{trainer} FAILED: {e}", flush=True)
@@ -722,10 +802,14 @@ def main(argv=None) -> int:
             if r["test_macro_f1"] is not None and (oracle_figures.get(reference) or 0) > 0:
                 r[key] = r["test_macro_f1"] / oracle_figures[reference]
 
+    for r in results.values():
+        if r.get("pool_macro_f1") is not None:
+            r["pool_f1_over_oracle"] = r["pool_macro_f1"] / oracle_figures["pool_macro_f1"]
     report = table(results) + "\n\n" + oracle_table(results, oracle_figures) + \
+        ("\n\n" + pool_table(results, oracle_figures) if pool is not None else "") + \
         "".join(f"\nFAILED {t}: {message}" for t, message in failed.items())
     step_seconds = load(data / "prepared.json")["prepare_seconds"] + sum(
-        r["train_seconds"] + r["predict_seconds"] for r in results.values())
+        r["train_seconds"] + r["predict_seconds"] + r.get("pool_predict_seconds", 0) for r in results.values())
     print(f"\n=== results ({args.device}, plans {plans_tag}, {args.epochs} epochs x {args.iterations} iterations, "
           f"{args.cases}/{args.validation_cases}/{args.test_cases} train/validation/test cases, seed {args.seed}, "
           f"{args.difficulty} data, "
