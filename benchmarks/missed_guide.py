@@ -6,7 +6,8 @@ the foreground where the class shows (multitask_nnunet/model/heads.py). The segm
 
 Runs the one-case predictor (``CasePredictor``) in this process. The guide is removed by a forward pre-hook on
 the classification head that sets the guide channels' logits to -30 (probability ~1e-13) in the head's input
-only: nothing of the package is patched.
+only, and, for the part of a head that reads the whole case in the sliding window (``case_logits``), the same
+in the stitched segmentation it is given: nothing of the package is patched.
 
 Usage: python benchmarks/missed_guide.py -m MODEL_DIR -i IMAGES -l CLASSES_CSV [--device cpu] [--tta]
            [--json OUT]
@@ -60,6 +61,13 @@ def main(argv=None) -> int:
         segmentation[:, list(channels)] = MISSED_LOGIT
         return (skips, segmentation, *rest)
 
+    case_logits = head.case_logits
+
+    def case_logits_without_guide(tile_logits, segmentation_logits, image):
+        segmentation_logits = segmentation_logits.clone()
+        segmentation_logits[:, list(channels)] = MISSED_LOGIT
+        return case_logits(tile_logits, segmentation_logits, image)
+
     guide_labels = heads.guide_labels(predictor.predictor.label_manager, channels)
     rows = {}
     for image in images:
@@ -68,10 +76,12 @@ def main(argv=None) -> int:
             continue
         predicted = predictor.predict_case([image])
         handle = head.register_forward_pre_hook(remove_guide)
+        head.case_logits = case_logits_without_guide  # this object only, for this prediction
         try:
             missed = predictor.predict_case([image])
         finally:
             handle.remove()
+            del head.case_logits
         guide_voxels = int(np.isin(predicted.segmentation, guide_labels).sum())
         rows[case] = {"truth": truth[case], "predicted": predicted.class_index, "missed": missed.class_index,
                       "p_predicted": predicted.probabilities.tolist(), "p_missed": missed.probabilities.tolist(),

@@ -3,6 +3,7 @@ their geometry, whole-volume vs sliding window, classification, resuming, bad in
 the time breakdown; and the one-case API (``CasePredictor``) against the command's outputs."""
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -361,6 +362,32 @@ def test_auto_mode_runs_one_pass_only_for_volumes_that_fit_in_the_patch(trained,
         assert not predictor._use_whole_volume(torch.zeros(1, patch[0] * 3, *patch[1:]))
     finally:
         predictor.max_whole_volume_voxels = None
+
+
+def test_sliding_window_reads_the_descriptors_on_the_whole_case(trained, case_predictor):
+    """On a volume larger than the patch, the head's descriptors are read once, on the stitched segmentation and
+    the whole image (as a whole-volume pass reads them, and as the refit fitted them), not per tile: one record
+    per case, equal to ``describe`` of the stitched case; the class adds that part to the tiles' averaged one."""
+    import torch
+    predictor = case_predictor.predictor
+    head = predictor._module().classification_head
+    assert head.has_case_part
+    image = sorted((trained.source / "test").glob("*_0000.nii.gz"))[0]
+    data = torch.as_tensor(case_predictor.prepare([image]).data).float()
+    patch = [int(p) for p in predictor.configuration_manager.patch_size]
+    data = torch.nn.functional.pad(data, [0, 0, 0, 0, 0, patch[0] // 2], mode="replicate")  # one axis longer
+    assert not predictor._use_whole_volume(data)
+    predictor.network = predictor.network.to(predictor.device).eval()
+    with torch.inference_mode(), head.recording() as records:
+        logits, probabilities = predictor._predict_sliding(data, predictor.device)
+    assert len(records) == 1
+    guide, organ = head.predicted_structures(logits[None])
+    torch.testing.assert_close(records[0][0], head.describe(data[None], guide, organ))
+    assert float(records[0][0][0, 1]) == pytest.approx(math.log1p(float((organ > 0).sum()) * head.voxel_ml), rel=1e-5)
+    with torch.inference_mode():
+        expected = torch.softmax(records[0][2] + head.descriptor_linear(head.standardizer(records[0][0],
+                                                                                           records[0][1])), 1)[0]
+    torch.testing.assert_close(probabilities.float().cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_time_breakdown_sums_to_wall_time(trained, test_run):

@@ -285,6 +285,38 @@ def test_seg_guided_head_descriptors_read_the_predicted_structures():
     assert float(d[8]) == pytest.approx(1 + 4 * 8 / 512)  # the parenchyma is the whole organ: 504 ones, 8 fives
 
 
+def test_seg_guided_head_interior_reads_intensities_away_from_the_boundaries():
+    """With ``interior``, a guide whose edge voxels mix with the organ is read on its core, the rim stays inside
+    the organ, and the parenchyma skips the organ's edge and the guide's surroundings; without it, the guide's
+    spread is the mixing at its edge and the parenchyma takes in the lesion voxels the segmentation missed.
+    A guide too small to have an interior is read whole."""
+    logits = torch.full((1, 2, 12, 24, 24), -30.0)
+    logits[0, 0, 1:11, 2:22, 2:22] = 30.0        # the organ, 10 x 20 x 20
+    logits[0, 1, 3:9, 8:14, 8:14] = 30.0         # the predicted guide, 6 x 6 x 6
+    image = torch.full((1, 1, 12, 24, 24), -4.0)  # background
+    image[0, 0, 1:11, 2:22, 2:22] = 1.0
+    image[0, 0, 3:9, 8:14, 8:14] = 2.0           # the guide's edge: half lesion, half organ
+    image[0, 0, 4:8, 9:13, 9:13] = 5.0           # the lesion itself
+    image[0, 0, 3:9, 8:14, 14] = 5.0             # lesion voxels the segmentation missed
+    image[0, 0, 1:11, 2:22, 2] = 0.0             # the organ's edge, partly background
+    interior = _guided_head(descriptors=True, interior=True)
+    whole = _guided_head(descriptors=True)
+    guide, organ = interior.predicted_structures(logits)
+    d = interior.describe(image, guide, organ)[0]
+    torch.testing.assert_close(d[4:6], torch.tensor([5.0, 0.0]))  # the core: 4 x 4 x 4 fives
+    lesion, rim, parenchyma = interior.intensity_regions(guide, organ)
+    assert int(lesion.sum()) == 64 and not bool((rim & ~(organ > 0)).any())
+    assert float(d[8]) == pytest.approx(1.0) and float(d[9]) == pytest.approx(0.0)  # ones only
+    w = whole.describe(image, guide, organ)[0]
+    assert float(w[5]) > 1.0 and float(w[8]) < 1.0  # spread from the edge; parenchyma pulled off 1
+    small = logits.clone()
+    small[0, 1] = -30.0
+    small[0, 1, 5:7, 10:12, 10:12] = 30.0        # 2 x 2 x 2: no interior
+    g, o = interior.predicted_structures(small)
+    assert int(interior.intensity_regions(g, o)[0].sum()) == 8
+    assert interior.descriptor_presence(g, o)[0].all()
+
+
 def test_seg_guided_head_context_branch_reads_the_organ_whatever_the_guide():
     """With ``context``, the organ-weighted mean is pooled beside the guide's: features that change only in the
     organ outside the guide change the logits, and a missed guide still leaves the organ's features."""

@@ -24,6 +24,8 @@ package's curriculum, in fractions of ``num_epochs``, scales with it by itself:
 - ``MultitasknnUNetTrainer_ClsBenchNoContext``, ``_ClsBenchNoDescriptors``, ``_ClsBenchNoGuideDropout``: the
   default without one of the three.
 - ``MultitasknnUNetTrainer_ClsBenchNoAttn``: the default without attention within the guide.
+- ``MultitasknnUNetTrainer_ClsBenchWholeRegions``: the default with the descriptors' intensities read on the
+  whole predicted structures (``interior`` off), as before interiors: the pairing for them.
 - ``MultitasknnUNetTrainer_ClsBenchSegNeutral``: the default, but phase 1 lasts to the end: the head never
   reaches the encoder, so segmentation trains as stock's does (the control for the Dice cost of the joint phase).
 
@@ -46,7 +48,8 @@ __all__ = ["nnUNetTrainer_ClsBench", "nnUNetTrainer_ClsBenchRepeat", "Multitaskn
            "MultitasknnUNetTrainer_ClsBenchPrevious", "MultitasknnUNetTrainer_ClsBenchDescriptorsInMLP",
            "MultitasknnUNetTrainer_ClsBenchNoContext",
            "MultitasknnUNetTrainer_ClsBenchNoDescriptors", "MultitasknnUNetTrainer_ClsBenchNoGuideDropout",
-           "MultitasknnUNetTrainer_ClsBenchNoAttn", "MultitasknnUNetTrainer_ClsBenchSegNeutral"]
+           "MultitasknnUNetTrainer_ClsBenchNoAttn", "MultitasknnUNetTrainer_ClsBenchSegNeutral",
+           "MultitasknnUNetTrainer_ClsBenchWholeRegions"]
 
 SCHEDULE_VARIABLES = {"num_epochs": "MULTITASK_BENCH_EPOCHS",
                       "num_iterations_per_epoch": "MULTITASK_BENCH_ITERATIONS",
@@ -131,6 +134,10 @@ class MultitasknnUNetTrainer_ClsBenchNoGuideDropout(MultitasknnUNetTrainer_ClsBe
 
 class MultitasknnUNetTrainer_ClsBenchNoAttn(MultitasknnUNetTrainer_ClsBench):
     head_kwargs = {"attention": False}
+
+
+class MultitasknnUNetTrainer_ClsBenchWholeRegions(MultitasknnUNetTrainer_ClsBench):
+    head_kwargs = {"interior": False}
 
 
 class MultitasknnUNetTrainer_ClsBenchSegNeutral(MultitasknnUNetTrainer_ClsBench):

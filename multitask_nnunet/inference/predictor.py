@@ -10,7 +10,11 @@ network call also yields class logits, and how those are combined:
 - sliding-window mode: nnU-Net's Gaussian-weighted tiles for segmentation; the class probabilities are the
   average of the tiles' softmax outputs, each tile weighted by its predicted foreground mass (sum of the
   Gaussian-weighted foreground probability) plus a small floor, so every tile counts and tiles that see the
-  structure count most. The class never comes from a single tile.
+  structure count most. The class never comes from a single tile. A head with a part that reads the whole
+  case (``has_case_part``: the descriptors of ``SegGuidedHead``, whose volumes and intensity statistics a tile
+  would cut) gives only its per-tile part on the tiles; that part's averaged probabilities, as log-probabilities,
+  go with the stitched segmentation and the whole image through ``case_logits`` once, as in a whole-volume
+  pass.
 - mirroring TTA and fold ensembling average segmentation logits and class probabilities alike.
 
 ``predict_preprocessed_case`` returns which path ran with the result (``whole``, ``sliding`` or ``fallback``).
@@ -224,16 +228,25 @@ class MultitaskPredictor(nnUNetPredictor):
         class_sum, weight_sum = 0, 0
         # nnU-Net's Gaussian is float16: its sum overflows to inf for patches of ~10^5 voxels, so sum in float32
         floor = TILE_WEIGHT_FLOOR * float(gaussian.float().sum())
-        for slicer, tile in self._tiles(padded, self._internal_get_sliding_window_slicers(padded.shape[1:])):
-            segmentation, class_probs = self._mirror_and_predict(tile)
-            segmentation = segmentation[0].to(results_device)
-            logits[slicer] += segmentation * gaussian
-            weights[slicer[1:]] += gaussian
-            tile_weight = float((self._foreground_probability(segmentation[None])[0] * gaussian).sum()) + floor
-            class_sum = class_sum + tile_weight * class_probs[0].to(results_device)
-            weight_sum += tile_weight
+        head = self._module().classification_head
+        with head.per_tile():
+            for slicer, tile in self._tiles(padded, self._internal_get_sliding_window_slicers(padded.shape[1:])):
+                segmentation, class_probs = self._mirror_and_predict(tile)
+                segmentation = segmentation[0].to(results_device)
+                logits[slicer] += segmentation * gaussian
+                weights[slicer[1:]] += gaussian
+                tile_weight = float((self._foreground_probability(segmentation[None])[0] * gaussian).sum()) + floor
+                class_sum = class_sum + tile_weight * class_probs[0].to(results_device)
+                weight_sum += tile_weight
         logits /= weights
-        return logits[(slice(None), *revert[1:])], class_sum / weight_sum
+        logits = logits[(slice(None), *revert[1:])]
+        class_probs = class_sum / weight_sum
+        if head.has_case_part:  # the tiles' part as log-probabilities, the case part read on the stitched case
+            with torch.autocast(self.device.type, enabled=False):
+                case_logits = head.case_logits(torch.log(class_probs.float().clamp_min(1e-12))[None], logits[None],
+                                               data[None].to(results_device).float())
+            class_probs = torch.softmax(case_logits.float(), 1)[0].to(results_device)
+        return logits, class_probs
 
     @follows(nnUNetPredictor._internal_predict_sliding_window_return_logits, "9179d1b29e93")
     def _tiles(self, data: torch.Tensor, slicers: list) -> Iterator[Tuple[tuple, torch.Tensor]]:

@@ -12,6 +12,8 @@ Every head is a ``ClassificationHead``::
 ``skips`` are the encoder's outputs, stage 0 (highest resolution) to the bottleneck; ``segmentation_logits``
 is the decoder's highest-resolution output of the same forward pass (B, C_seg, *spatial), detached; ``image``
 is the network's input of that pass (B, C_in, *spatial), nnU-Net-normalised. Heads work for 2d and 3d alike.
+A head whose answer needs the whole case (``has_case_part``) splits it for the sliding window: the tiles give
+their part (``per_tile``) and ``case_logits`` adds the rest once, from the stitched segmentation and the image.
 
 - ``SegGuidedHead`` (the default): reads the structure that carries the class (the *guide*: for the pancreas
   quiz, the lesion) and the organ around it (the predicted foreground: the whole pancreas), as the network
@@ -88,6 +90,22 @@ class ClassificationHead(nn.Module):
         head's learning rate for it (default: one group, scale 1)."""
         return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
+    #: the head has a part that reads the whole case (``per_tile``, ``case_logits``)
+    has_case_part = False
+
+    @contextmanager
+    def per_tile(self):
+        """Within it, ``forward`` returns only the logits of the part a tile can give (for a head with a case
+        part); the sliding window averages those over its tiles and calls ``case_logits`` once on the stitched
+        case. A head without a case part answers per tile as it always does."""
+        yield
+
+    def case_logits(self, tile_logits: torch.Tensor, segmentation_logits: torch.Tensor,
+                    image: torch.Tensor) -> torch.Tensor:
+        """The case's class logits from the tiles' part (``tile_logits``, (B, K)) and the case part read on the
+        whole case: its stitched segmentation logits and its image (B, C, *spatial)."""
+        return tile_logits
+
     def refit_passes(self) -> List[Tuple[float, ContextManager]]:
         """What the trainer runs after the last epoch for a head that refits part of itself on the training
         cases (empty: no refit). Per pass, a sample weight and a context in which the trainer predicts every
@@ -154,6 +172,13 @@ class SegGuidedHead(ClassificationHead):
       structures: log volume (mL, ``voxel_ml`` per voxel) of the guide and of the organ, the guide's share of
       the organ, whether a guide was found, and per input channel the mean and spread of intensity in the
       guide, its rim (up to 2 voxels outside it) and the organ without the guide.
+    - ``interior``: those intensities are read where the predicted structures are not in doubt: the guide's
+      interior (the guide less its one-voxel boundary, when that leaves ``INTERIOR_MIN_VOXELS``), its rim within
+      the organ (up to ``RIM_VOXELS`` 6-connected steps, so no background outside the organ), and the organ's
+      interior beyond the rim. A boundary voxel mixes the structure with its neighbour:
+      a lesion's spread read over its whole predicted mask is mostly the step from lesion to parenchyma at its
+      edge, and the parenchyma's mean takes in the lesion voxels the segmentation missed. Volumes still count
+      the whole predicted structures.
     - ``descriptor_logits``: the descriptors get a branch of their own instead of joining the MLP's input:
       standardised feature by feature with running statistics (``RunningStandardizer``; a statistic of a
       structure that was not predicted is imputed at its mean, the found flag says it is missing), then one
@@ -170,6 +195,8 @@ class SegGuidedHead(ClassificationHead):
     """
     uses_guide = True
     RIM_VOXELS = 2
+    #: ``interior``: a guide whose interior holds fewer voxels is read whole (a spread needs a few voxels)
+    INTERIOR_MIN_VOXELS = 10
     DESCRIPTOR_LR_SCALE = 10.0
     #: the refit's L2 penalty, REFIT_L2 * |W|^2 / (2 N) over N cases (scikit-learn's C = 1 / REFIT_L2)
     REFIT_L2 = 1.0
@@ -179,7 +206,7 @@ class SegGuidedHead(ClassificationHead):
                  pool_stages: Optional[Sequence[int]] = None, hidden: Sequence[int] = (128,), dropout: float = 0.3,
                  min_guide_voxels: float = 1.0, attention: bool = False, context: bool = False,
                  descriptors: bool = False, guide_dropout: float = 0.0, input_channels: int = 1,
-                 voxel_ml: float = 1e-3, descriptor_logits: bool = False):
+                 voxel_ml: float = 1e-3, descriptor_logits: bool = False, interior: bool = False):
         super().__init__()
         if guide_activation not in ("sigmoid", "softmax"):
             raise ValueError(f"guide_activation must be 'sigmoid' or 'softmax', got {guide_activation!r}")
@@ -195,6 +222,7 @@ class SegGuidedHead(ClassificationHead):
         self.guide_dropout = float(guide_dropout)
         self.input_channels = int(input_channels)
         self.voxel_ml = float(voxel_ml)
+        self.interior = bool(interior)
         self.num_descriptors = (4 + 6 * self.input_channels) if descriptors else 0
         if descriptor_logits and not descriptors:
             raise ValueError("descriptor_logits needs descriptors=True")
@@ -202,6 +230,7 @@ class SegGuidedHead(ClassificationHead):
         pooled = sum(stage_channels) * (2 if self.context else 1) + int(encoder_channels[-1])
         self.standardizer = self.descriptor_linear = None
         self._remove_guide = False  # see ``guide_removed``
+        self._per_tile = False  # see ``per_tile``
         if descriptor_logits:
             self.standardizer = RunningStandardizer(self.num_descriptors)
             self.descriptor_linear = nn.Linear(self.num_descriptors, num_classes)
@@ -232,7 +261,7 @@ class SegGuidedHead(ClassificationHead):
                   "guide_activation": guide["guide_activation"], "pool_stages": None, "hidden": [128],
                   "dropout": 0.3, "min_guide_voxels": 1.0, "attention": True, "context": True, "descriptors": True,
                   "guide_dropout": 0.25, "input_channels": int(input_channels), "voxel_ml": float(voxel_ml),
-                  **overrides}
+                  "interior": True, **overrides}
         # the descriptors' own branch unless asked otherwise; none without descriptors
         kwargs["descriptor_logits"] = bool(overrides.get("descriptor_logits", kwargs["descriptors"]))
         return kwargs
@@ -284,9 +313,7 @@ class SegGuidedHead(ClassificationHead):
         return self._fallback(guide, self._fallback(organ, torch.ones_like(organ)))
 
     def forward(self, skips, segmentation_logits, image=None):
-        guide, organ = self.predicted_structures(segmentation_logits)
-        if self._remove_guide:
-            guide = torch.zeros_like(guide)
+        guide, organ = self._structures(segmentation_logits)
         if self.training and self.guide_dropout > 0:
             kept = torch.rand(guide.shape[0], device=guide.device) >= self.guide_dropout
             guide = guide * kept.view(-1, *([1] * (guide.ndim - 1)))
@@ -315,15 +342,47 @@ class SegGuidedHead(ClassificationHead):
             return self.mlp(torch.cat(pooled, 1))
         if image is None:
             raise ValueError("SegGuidedHead(descriptors=True) needs the network's input image")
-        descriptors = self.describe(image, guide, organ)
         if self.descriptor_linear is None:
-            return self.mlp(torch.cat(pooled + [descriptors], 1))
-        presence = self.descriptor_presence(guide, organ)
+            return self.mlp(torch.cat(pooled + [self.describe(image, guide, organ)], 1))
         mlp_logits = self.mlp(torch.cat(pooled, 1))
+        if self._per_tile:
+            return mlp_logits
+        return self._with_descriptors(mlp_logits, image, guide, organ)
+
+    def _structures(self, segmentation_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        guide, organ = self.predicted_structures(segmentation_logits)
+        return (torch.zeros_like(guide) if self._remove_guide else guide), organ
+
+    def _with_descriptors(self, mlp_logits, image, guide, organ) -> torch.Tensor:
+        """``mlp_logits`` plus the descriptor branch's logits; records both for the refit while ``recording``."""
+        device = self.descriptor_linear.weight.device  # the stitched case may lie on the CPU (sliding window)
+        descriptors = self.describe(image, guide, organ).to(device)
+        presence = self.descriptor_presence(guide, organ).to(device)
+        mlp_logits = mlp_logits.to(device)
         if self._records is not None:
             self._records.append((descriptors.detach().float().cpu(), presence.cpu(),
                                   mlp_logits.detach().float().cpu()))
         return mlp_logits + self.descriptor_linear(self.standardizer(descriptors, presence))
+
+    @property
+    def has_case_part(self) -> bool:
+        """The descriptor branch reads the whole case: volumes and intensity statistics of a structure that a
+        tile cuts are not the structure's."""
+        return self.descriptor_linear is not None
+
+    @contextmanager
+    def per_tile(self):
+        self._per_tile = self.has_case_part
+        try:
+            yield
+        finally:
+            self._per_tile = False
+
+    def case_logits(self, tile_logits, segmentation_logits, image):
+        if not self.has_case_part:
+            return tile_logits
+        guide, organ = self._structures(segmentation_logits)
+        return self._with_descriptors(tile_logits.float(), image, guide, organ)
 
     def refit_passes(self) -> List[Tuple[float, ContextManager]]:
         if self.descriptor_linear is None:
@@ -392,14 +451,34 @@ class SegGuidedHead(ClassificationHead):
     def descriptor_presence(self, guide: torch.Tensor, organ: torch.Tensor) -> torch.Tensor:
         """(B, D) bool: which of ``describe``'s values were measured (a structure's statistics need the structure;
         the organ's volume and the found flag always count)."""
-        lesion, organ = guide > 0, organ > 0
+        lesion = guide > 0
         found = self._found(lesion)  # the guide's own statistics and those of its rim
-        structures = [found, found, (organ & ~lesion).flatten(1).any(1)]
         always = torch.ones_like(found)
         columns = [found, always, found, always]
-        for present in structures:  # mean and spread per input channel
+        regions = self.intensity_regions(guide, organ)
+        for region, needs_guide in zip(regions, (True, True, False)):  # mean and spread per input channel
+            present = region.flatten(1).any(1) & (found if needs_guide else always)
             columns += [present] * (2 * self.input_channels)
         return torch.stack(columns, 1)
+
+    @torch.no_grad()
+    def intensity_regions(self, guide: torch.Tensor, organ: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(lesion, rim, parenchyma), each (B, *spatial) bool: where ``describe`` reads intensities. Without
+        ``interior``: the predicted guide, up to ``RIM_VOXELS`` voxels (a cube) around it, the organ less the
+        guide. With it, see the class docstring."""
+        lesion, organ = guide > 0, organ > 0
+        if not self.interior:
+            rim = _dilate(lesion, self.RIM_VOXELS, cube=True) & ~lesion
+            return lesion, rim, organ & ~lesion
+        core = ~_dilate(~lesion, 1)
+        enough = core.flatten(1).sum(1) >= self.INTERIOR_MIN_VOXELS
+        core = torch.where(enough.view(-1, *([1] * (lesion.ndim - 1))), core, lesion)
+        near = _dilate(lesion, self.RIM_VOXELS)
+        organ = organ | lesion
+        parenchyma = ~_dilate(~organ, 1) & ~near
+        # a small organ may have no interior away from the guide: then the organ less the guide
+        kept = parenchyma.flatten(1).any(1).view(-1, *([1] * (lesion.ndim - 1)))
+        return core, near & organ & ~lesion, torch.where(kept, parenchyma, organ & ~lesion)
 
     @torch.no_grad()
     def describe(self, image: torch.Tensor, guide: torch.Tensor, organ: torch.Tensor) -> torch.Tensor:
@@ -407,16 +486,12 @@ class SegGuidedHead(ClassificationHead):
         image = image.detach().float()
         lesion = guide > 0
         organ = organ > 0
-        pool = F.max_pool3d if lesion.ndim == 4 else F.max_pool2d
-        k = 2 * self.RIM_VOXELS + 1
-        rim = (pool(lesion[:, None].float(), k, stride=1, padding=self.RIM_VOXELS)[:, 0] > 0) & ~lesion
-        parenchyma = organ & ~lesion
         lesion_n, organ_n = lesion.flatten(1).sum(1).float(), (organ | lesion).flatten(1).sum(1).float()
         found = self._found(lesion).float()
         columns = [torch.log1p(lesion_n * self.voxel_ml), torch.log1p(organ_n * self.voxel_ml),
                    lesion_n / organ_n.clamp_min(1), found]
         flat = image.flatten(2)  # (B, C_in, N)
-        for mask in (lesion, rim, parenchyma):
+        for mask in self.intensity_regions(guide, organ):
             m = mask.flatten(1).float()[:, None]  # (B, 1, N)
             n = m.sum(2).clamp_min(1)
             mean = (flat * m).sum(2) / n
@@ -479,6 +554,23 @@ class RunningStandardizer(nn.Module):
                                    + rate * (1 - rate) * delta ** 2, self.var))
         self.mean.add_(rate * delta)
         self.count.add_(n)
+
+
+def _dilate(mask: torch.Tensor, steps: int, cube: bool = False) -> torch.Tensor:
+    """(B, *spatial) bool ``mask`` grown by ``steps`` voxels: 6-connected steps (4-connected in 2d), or with
+    ``cube`` within a cube of side 2 * steps + 1. Outside the volume counts as outside the mask."""
+    x = mask[:, None].float()
+    dims = x.ndim - 2
+    pool = F.max_pool3d if dims == 3 else F.max_pool2d
+    if cube:
+        return pool(x, 2 * steps + 1, stride=1, padding=steps)[:, 0] > 0
+    for _ in range(steps):
+        grown = x
+        for axis in range(dims):
+            kernel = tuple(3 if a == axis else 1 for a in range(dims))
+            grown = torch.maximum(grown, pool(x, kernel, stride=1, padding=tuple(k // 2 for k in kernel)))
+        x = grown
+    return x[:, 0] > 0
 
 
 def _weighted_mean(flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

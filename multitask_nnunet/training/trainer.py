@@ -552,10 +552,12 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         super().on_train_end()
 
     def refit_head(self, of: str = "") -> None:
-        """For a head with ``refit_passes``: every training case of the fold predicted once per pass, as
-        ``multitask-nnunet predict`` would (one whole-volume forward, no mirroring, eval mode), while the head
-        records what it refits from; then ``head.refit``. Without augmentation and with the network's own
-        segmentation, this is what the head meets at inference. ``of`` names the network in the log line."""
+        """For a head with ``refit_passes``: every training case of the fold predicted once per pass as
+        ``multitask-nnunet predict`` does at its defaults (auto mode: one pass where the volume fits in the patch,
+        else the sliding window, whose head reads the stitched case through ``case_logits``; no mirroring; eval
+        mode), while the head records what it refits from (one record per case); then ``head.refit``. Without
+        augmentation and with the network's own segmentation, on the path inference takes: a refit on whole-volume
+        passes met other masks at inference (TechReport 6.0). ``of`` names the network in the log line."""
         from multitask_nnunet.inference.predictor import MultitaskPredictor
 
         head = self._unwrapped_network().classification_head
@@ -564,7 +566,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
             return
         self.set_deep_supervision_enabled(False)
         self.network.eval()
-        predictor = self._predictor(MultitaskPredictor(use_mirroring=False, device=self.device, mode='whole'))
+        predictor = self._predictor(MultitaskPredictor(use_mirroring=False, device=self.device))
         tr_keys, _ = self.do_split()
         dataset = self.dataset_class(self.preprocessed_dataset_folder, tr_keys)
         started, recorded = time(), []
