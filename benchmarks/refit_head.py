@@ -5,7 +5,8 @@ change of the refit on networks already trained, without training them again, th
 (``--model``, an nnU-Net trainer folder with ``fold_F/checkpoint_final.pth``) under ``--out`` (an
 ``nnUNet_results`` folder), builds the trainer as ``nnUNetv2_train`` would (``nnUNet_raw`` and
 ``nnUNet_preprocessed`` must be those of the training; the trainer's module must be on ``nnUNet_extTrainer``),
-loads the final checkpoint, refits its head as ``on_train_end`` does and saves it. Predict with the copy::
+loads the final checkpoint, refits its head as ``on_train_end`` does and saves it; the copy has no
+``calibration.json`` (its temperature belonged to the previous head). Predict with the copy::
 
     python benchmarks/refit_head.py --model RESULTS/Dataset601_X/TRAINER__PLANS__3d_fullres --out REFIT_RESULTS
     multitask-nnunet predict -i IMAGES -o OUT -m REFIT_RESULTS/Dataset601_X/TRAINER__PLANS__3d_fullres -f 0
@@ -44,7 +45,9 @@ def main(argv=None) -> int:
     trainer.load_checkpoint(checkpoint)
     trainer.refit_head(" (benchmarks/refit_head.py)")
     trainer.save_checkpoint(checkpoint)
-    print(f"refitted: {copy}")
+    # the temperature was fitted on the previous head's validation probabilities: predict then uses none
+    (copy / f"fold_{args.fold}" / "calibration.json").unlink(missing_ok=True)
+    print(f"refitted: {copy} (calibration.json removed: final validation fits it, this refit does not)")
     return 0
 
 
