@@ -58,8 +58,9 @@ def measured(source: Path, split: str, masks) -> dict:
         labels = torch.from_numpy(np.asarray(read_label_map(_mask(masks, source, split, row["Names"]))).astype(np.int64))
         guide, organ = (labels == 2)[None].float(), (labels > 0)[None].float()
         for k, head in heads.items():
-            values = head.describe(image[None, None], guide, organ)[0].tolist()
-            present = head.descriptor_presence(guide, organ)[0].tolist()
+            regions = head.intensity_regions(guide, organ)
+            values = head.describe(image[None, None], guide, organ, regions)[0].tolist()
+            present = head.descriptor_presence(guide, organ, regions)[0].tolist()
             out[k].append({"Names": row["Names"], "Subtype": row["Subtype"],
                            **{d: v if p else float("nan") for d, v, p in zip(DESCRIPTORS, values, present)}})
     return out

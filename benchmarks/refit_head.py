@@ -15,6 +15,7 @@ loads the final checkpoint, refits its head as ``on_train_end`` does and saves i
 as in that run, since the trainer reads them when it is built.
 """
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -36,7 +37,6 @@ def main(argv=None) -> int:
         shutil.rmtree(copy)
     shutil.copytree(args.model, copy)
 
-    import os
     os.environ["nnUNet_results"] = str(args.out.resolve())
     from nnunetv2.run.run_training import get_trainer_from_args
     trainer = get_trainer_from_args(dataset, configuration, args.fold, trainer_name, plans,

@@ -356,8 +356,9 @@ class SegGuidedHead(ClassificationHead):
     def _with_descriptors(self, mlp_logits, image, guide, organ) -> torch.Tensor:
         """``mlp_logits`` plus the descriptor branch's logits; records both for the refit while ``recording``."""
         device = self.descriptor_linear.weight.device  # the stitched case may lie on the CPU (sliding window)
-        descriptors = self.describe(image, guide, organ).to(device)
-        presence = self.descriptor_presence(guide, organ).to(device)
+        regions = self.intensity_regions(guide, organ)  # once: on a whole CT its dilations are the cost
+        descriptors = self.describe(image, guide, organ, regions).to(device)
+        presence = self.descriptor_presence(guide, organ, regions).to(device)
         mlp_logits = mlp_logits.to(device)
         if self._records is not None:
             self._records.append((descriptors.detach().float().cpu(), presence.cpu(),
@@ -448,14 +449,15 @@ class SegGuidedHead(ClassificationHead):
                 f"guide removed): weighted loss {before:.4f} -> {after:.4f}, training accuracy {accuracy:.4f}")
 
     @torch.no_grad()
-    def descriptor_presence(self, guide: torch.Tensor, organ: torch.Tensor) -> torch.Tensor:
+    def descriptor_presence(self, guide: torch.Tensor, organ: torch.Tensor,
+                            regions: Optional[Tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
         """(B, D) bool: which of ``describe``'s values were measured (a structure's statistics need the structure;
-        the organ's volume and the found flag always count)."""
+        the organ's volume and the found flag always count). ``regions``: ``intensity_regions``, if at hand."""
         lesion = guide > 0
         found = self._found(lesion)  # the guide's own statistics and those of its rim
         always = torch.ones_like(found)
         columns = [found, always, found, always]
-        regions = self.intensity_regions(guide, organ)
+        regions = self.intensity_regions(guide, organ) if regions is None else regions
         for region, needs_guide in zip(regions, (True, True, False)):  # mean and spread per input channel
             present = region.flatten(1).any(1) & (found if needs_guide else always)
             columns += [present] * (2 * self.input_channels)
@@ -481,8 +483,10 @@ class SegGuidedHead(ClassificationHead):
         return core, near & organ & ~lesion, torch.where(kept, parenchyma, organ & ~lesion)
 
     @torch.no_grad()
-    def describe(self, image: torch.Tensor, guide: torch.Tensor, organ: torch.Tensor) -> torch.Tensor:
-        """(B, 4 + 6 * C_in) float32 descriptors of the predicted structures (see the class docstring)."""
+    def describe(self, image: torch.Tensor, guide: torch.Tensor, organ: torch.Tensor,
+                 regions: Optional[Tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
+        """(B, 4 + 6 * C_in) float32 descriptors of the predicted structures (see the class docstring).
+        ``regions``: ``intensity_regions``, if at hand."""
         image = image.detach().float()
         lesion = guide > 0
         organ = organ > 0
@@ -491,7 +495,7 @@ class SegGuidedHead(ClassificationHead):
         columns = [torch.log1p(lesion_n * self.voxel_ml), torch.log1p(organ_n * self.voxel_ml),
                    lesion_n / organ_n.clamp_min(1), found]
         flat = image.flatten(2)  # (B, C_in, N)
-        for mask in self.intensity_regions(guide, organ):
+        for mask in self.intensity_regions(guide, organ) if regions is None else regions:
             m = mask.flatten(1).float()[:, None]  # (B, 1, N)
             n = m.sum(2).clamp_min(1)
             mean = (flat * m).sum(2) / n
