@@ -127,6 +127,28 @@ def test_continue_training_resumes_exactly(class_only_trained, tmp_path):
     assert (fold0 / "validation" / "classification_summary.json").is_file()
 
 
+def test_validation_rebuilds_the_head_as_the_checkpoint_holds_it(trained, tmp_path):
+    """--val (and --c) build the head from the checkpoint's spec, as predict does: an option without weights that
+    this code plans otherwise (here the descriptors' regions) is taken from the checkpoint and logged, not
+    silently changed."""
+    env = nnunet_env(tmp_path)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        env[var] = trained.env[var]
+    fold0 = tmp_path / "nnUNet_results" / trained.results.parent.name / trained.results.name / "fold_0"
+    shutil.copytree(trained.results, fold0.parent)
+    shutil.rmtree(fold0 / "validation")
+    checkpoint = torch.load(fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["classification_head"]["kwargs"]["interior"] is True  # what this code plans
+    checkpoint["classification_head"]["kwargs"]["interior"] = False  # as a checkpoint of an older version holds it
+    torch.save(checkpoint, fold0 / "checkpoint_final.pth")
+
+    result = run(nnunet("nnUNetv2_train", DATASET_ID, CONFIG, "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
+                        "--val"), env, timeout=900)
+    assert "differs from this trainer's plan (interior True -> False): built as in the checkpoint" in result.stdout
+    assert "'interior': False" in result.stdout  # the head line prints the spec it built
+    assert (fold0 / "validation" / "classification_summary.json").is_file()
+
+
 def _write_preprocessed_copy(trained, tmp_path, edit):
     """A copy of the preprocessed dataset whose dataset.json is changed by ``edit``."""
     env = nnunet_env(tmp_path)

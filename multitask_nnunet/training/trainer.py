@@ -55,7 +55,8 @@ from multitask_nnunet.io.class_csv import write_class_csvs
 from multitask_nnunet.io.class_labels import class_labels_for_cases, class_weights, read_class_labels
 from multitask_nnunet.errors import InputError, WriteError
 from multitask_nnunet.evaluation.metrics import classification_metrics, mean_probabilities_per_case
-from multitask_nnunet.model.heads import DEFAULT_HEAD, area_resize, build_head, head_class, plan_head, resolve_guide
+from multitask_nnunet.model.heads import (DEFAULT_HEAD, area_resize, build_head, head_class, head_spec_from_checkpoint,
+                                          plan_head, resolve_guide)
 from multitask_nnunet.nnunet_copies import follows
 from multitask_nnunet.model.network import MultitaskUNet, merge_state_dict, split_state_dict
 from multitask_nnunet.training.logger import MultitaskLocalLogger
@@ -80,6 +81,15 @@ class CurriculumError(ValueError):
 
 def _epoch_range(start: int, stop: int) -> str:
     return "none" if stop <= start else str(start) if stop == start + 1 else f"{start}-{stop - 1}"
+
+
+def _spec_difference(planned: dict, stored: dict) -> str:
+    """What differs between two head specs, e.g. ``interior True -> False`` (planned -> stored)."""
+    if planned["class_name"] != stored["class_name"]:
+        return f"{planned['class_name']} -> {stored['class_name']}"
+    keys = sorted(set(planned["kwargs"]) | set(stored["kwargs"]))
+    return ", ".join(f"{k} {planned['kwargs'].get(k, '(none)')} -> {stored['kwargs'].get(k, '(none)')}" for k in keys
+                     if planned["kwargs"].get(k) != stored["kwargs"].get(k))
 
 
 def _scaled(fraction: float, num_epochs: int) -> int:
@@ -206,6 +216,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         self.class_labels = None  # -> initialize
         self.classification_loss = None  # -> initialize
         self.head_spec = None  # -> initialize (the network builder plans it)
+        self._checkpoint_head_spec = None  # -> load_checkpoint before initialize: the head as it was trained
         self.head_optimizer = None  # -> configure_optimizers
         self._val_cases_seen = 0
 
@@ -295,6 +306,13 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
                                        voxel_ml=voxel_ml, **self.head_kwargs)
         except InputError as e:
             raise SystemExit(f"{type(self).__name__}: {e}") from None
+        if self._checkpoint_head_spec is not None and self._checkpoint_head_spec != self.head_spec:
+            # --c / --val: the weights are the checkpoint's head's, so is the head; options without weights
+            # (which regions the descriptors read, ...) would otherwise change silently with the code
+            self.print_to_log_file(f"The checkpoint's classification head differs from this trainer's plan "
+                                   f"({_spec_difference(self.head_spec, self._checkpoint_head_spec)}): built as in the "
+                                   f"checkpoint")
+            self.head_spec = self._checkpoint_head_spec
         return MultitaskUNet(segmentation_network, build_head(self.head_spec))
 
     def _unwrapped_network(self) -> MultitaskUNet:
@@ -635,13 +653,25 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
 
     @follows(nnUNetTrainer.load_checkpoint, "08e42a85eba0")
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
-        if not self.was_initialized:
-            self.initialize()
+        """nnU-Net's, with the classification head and its optimizer; the checkpoint is read before ``initialize``
+        so that the head is built from the checkpoint's spec (``head_spec_from_checkpoint``), as ``predict``
+        builds it, not from what this code would plan today."""
         checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
             torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
         if 'classification_head' not in checkpoint:
             raise RuntimeError(f"{filename_or_checkpoint}: checkpoint has no classification head; it was not "
                                f"written by {self.__class__.__name__}")
+        try:
+            stored = head_spec_from_checkpoint(checkpoint['classification_head'])
+        except InputError as e:
+            raise SystemExit(f"{filename_or_checkpoint}: {e}") from None
+        if not self.was_initialized:
+            self._checkpoint_head_spec = stored
+            self.initialize()
+        elif stored != self.head_spec:
+            raise RuntimeError(f"{filename_or_checkpoint}: the checkpoint's classification head differs from this "
+                               f"initialized trainer's ({_spec_difference(self.head_spec, stored)}); load the "
+                               f"checkpoint before initialize()")
         state = merge_state_dict(checkpoint['network_weights'], checkpoint['classification_head']['state_dict'])
         self._unwrapped_network().load_state_dict({k[7:] if k.startswith('module.') else k: v
                                                    for k, v in state.items()})
