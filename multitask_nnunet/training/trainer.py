@@ -307,8 +307,8 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         except InputError as e:
             raise SystemExit(f"{type(self).__name__}: {e}") from None
         if self._checkpoint_head_spec is not None and self._checkpoint_head_spec != self.head_spec:
-            # --c / --val: the weights are the checkpoint's head's, so is the head; options without weights
-            # (which regions the descriptors read, ...) would otherwise change silently with the code
+            # --c / --val load the checkpoint's head weights, so the head is built as that head was; options
+            # without weights (which regions the descriptors read, ...) would otherwise change with the code
             self.print_to_log_file(f"The checkpoint's classification head differs from this trainer's plan "
                                    f"({_spec_difference(self.head_spec, self._checkpoint_head_spec)}): built as in the "
                                    f"checkpoint")
