@@ -39,17 +39,15 @@ from multitask_nnunet.evaluation.metrics import classification_metrics
 from multitask_nnunet.io.class_labels import class_weights
 
 
-def test_records(trainer, predictor, head, source: Path) -> tuple:
-    """(records, labels): one refit record per test case of a make-synthetic folder, on predict's path."""
-    preprocessor = trainer.configuration_manager.preprocessor_class(verbose=False)
+def test_records(predictor, source: Path) -> tuple:
+    """(records, labels): one refit record per test case of a make-synthetic folder, predicted by ``predictor``
+    (a ``CasePredictor``: ``multitask-nnunet predict``'s own path) while its head records."""
+    head = predictor.predictor._module().classification_head
     rows = [r for r in read_truth_features(source / "truth_features.csv") if r["split"] == "test"]
     records = []
     for row in rows:
-        image = source / "test" / row["Names"].replace(".nii.gz", "_0000.nii.gz")
-        data, _, _ = preprocessor.run_case([str(image)], None, trainer.plans_manager, trainer.configuration_manager,
-                                           trainer.dataset_json)
         with head.recording() as recorded:
-            predictor.predict_preprocessed_case(torch.from_numpy(data))
+            predictor.predict_case([str(source / "test" / row["Names"].replace(".nii.gz", "_0000.nii.gz"))])
         records.extend(recorded)
     return records, [r["Subtype"] for r in rows]
 
@@ -80,7 +78,8 @@ def main(argv=None) -> int:
     trainer_name, plans, configuration = args.model.name.split("__")
     os.environ["nnUNet_results"] = str(args.model.parent.parent.resolve())
     from nnunetv2.run.run_training import get_trainer_from_args
-    from multitask_nnunet.inference.predictor import MultitaskPredictor
+    from multitask_nnunet.inference.case_predictor import CasePredictor
+    from multitask_nnunet.inference.options import PredictorOptions
 
     fold = args.model / f"fold_{args.fold}"
     before = set(fold.iterdir())
@@ -102,11 +101,9 @@ def main(argv=None) -> int:
     head.refit = record_only
     trainer.refit_head(" (benchmarks/refit_cases.py)")
     del head.refit
-    trainer.network.eval()
-    trainer.set_deep_supervision_enabled(False)
-    predictor = trainer._predictor(MultitaskPredictor(use_mirroring=False, device=torch.device(args.device)))
-    unseen, unseen_labels = test_records(trainer, predictor, head, args.unseen)
-    pool, pool_labels = test_records(trainer, predictor, head, args.pool)
+    predictor = CasePredictor(args.model, PredictorOptions(folds=(args.fold,), device=args.device))
+    unseen, unseen_labels = test_records(predictor, args.unseen)
+    pool, pool_labels = test_records(predictor, args.pool)
 
     train_truth = [r for r in read_truth_features(args.data / "truth_features.csv") if r["split"] == "train"]
     pool_truth = [r for r in read_truth_features(args.pool / "truth_features.csv") if r["split"] == "test"]
