@@ -381,7 +381,7 @@ class SegGuidedHead(ClassificationHead):
 
     def case_logits(self, tile_logits, segmentation_logits, image):
         if not self.has_case_part:
-            return tile_logits
+            return super().case_logits(tile_logits, segmentation_logits, image)
         guide, organ = self._structures(segmentation_logits)
         return self._with_descriptors(tile_logits.float(), image, guide, organ)
 
