@@ -181,26 +181,30 @@ class Service:
             job = self.queue.get()
             if job is None:
                 return
-            try:
-                if not job.future.set_running_or_notify_cancel():
-                    continue
-                started = time.perf_counter()
-                try:
-                    stored = self._predict(job, started)
-                except InputError as e:
-                    job.future.set_exception(InputError(job.clean(str(e))))
-                except WriteError as e:  # the server's disk: the request is answered 507/503 (app.py), no traceback
-                    print(f"multitask-nnunet serve: case '{job.name}': {e}", file=sys.stderr, flush=True)
-                    job.future.set_exception(e)
-                except Exception as e:  # the service keeps serving; the request gets a 500 naming the error
-                    print(f"multitask-nnunet serve: error predicting '{job.name}': {type(e).__name__}: {e}",
-                          file=sys.stderr)
-                    job.future.set_exception(e)
-                else:
-                    job.future.set_result(stored)
-                self.seconds_per_case = 0.7 * self.seconds_per_case + 0.3 * (time.perf_counter() - started)
-            finally:
+            if not job.future.set_running_or_notify_cancel():
                 shutil.rmtree(job.folder, ignore_errors=True)
+                continue
+            started = time.perf_counter()
+            stored = failure = None
+            try:
+                stored = self._predict(job, started)
+            except InputError as e:
+                failure = InputError(job.clean(str(e)))
+            except WriteError as e:  # the server's disk: the request is answered 507/503 (app.py), no traceback
+                print(f"multitask-nnunet serve: case '{job.name}': {e}", file=sys.stderr, flush=True)
+                failure = e
+            except Exception as e:  # the service keeps serving; the request gets a 500 naming the error
+                print(f"multitask-nnunet serve: error predicting '{job.name}': {type(e).__name__}: {e}",
+                      file=sys.stderr)
+                failure = e
+            finally:
+                # the upload goes before the request is answered: an answered request has left nothing behind
+                shutil.rmtree(job.folder, ignore_errors=True)
+            self.seconds_per_case = 0.7 * self.seconds_per_case + 0.3 * (time.perf_counter() - started)
+            if failure is not None:
+                job.future.set_exception(failure)
+            else:
+                job.future.set_result(stored)
 
     def _predict(self, job: Job, started: float) -> Stored:
         result = self.predictor.predict_case(job.files, name=job.name)
