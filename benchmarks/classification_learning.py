@@ -512,14 +512,15 @@ def pool_oracle(source: Path, pool: Path) -> dict:
     return {"pool_macro_f1": oracle_macro_f1(train, cases), "n_pool": len(cases), "pool": str(pool)}
 
 
-def pool_scores(args, trainer: str, model: Path, pool: Path, raw: Path, run_dir: Path, env: dict) -> dict:
-    """A multitask trainer's figures on the pool: ``multitask-nnunet predict`` at its defaults, then
-    ``evaluate``."""
+def pool_scores(args, trainer: str, model: Path, pool: Path, raw: Path, run_dir: Path, env: dict,
+                folds=(0,)) -> dict:
+    """A multitask model's figures on the pool: ``multitask-nnunet predict -f FOLDS`` at its defaults, then
+    ``evaluate``; ``trainer`` names the files of this prediction in ``run_dir``."""
     out = run_dir / "predictions_pool" / trainer
     record_file = run_dir / "records" / f"{trainer}_predict_pool_{pool.parent.name}.json"
     if not record_file.is_file():
         save({"predict_seconds": run(command("multitask-nnunet", "predict", "-i", pool / "test", "-o", out, "-m",
-                                             model, "-f", "0", "--device", args.device), env,
+                                             model, "-f", *folds, "--device", args.device), env,
                                      run_dir / "logs" / f"{trainer}_predict_pool.log")}, record_file)
     metrics_file = run_dir / "evaluation" / f"{trainer}_pool.json"
     run(command("multitask-nnunet", "evaluate", "--pred", out, "--gt", pool / "test_labels", "--dataset-json",

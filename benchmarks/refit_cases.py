@@ -92,15 +92,8 @@ def main(argv=None) -> int:
     head = trainer._unwrapped_network().classification_head
     if not head.refit_passes():
         raise SystemExit(f"{args.model}: its head ({type(head).__name__}) has no refit")
-    training = {}
-
-    def record_only(passes, labels, weights):  # the trainer's own loop gathers the training cases' records
-        training.update(passes=passes, labels=list(labels), weights=weights.detach().cpu())
-        return "records kept for benchmarks/refit_cases.py"
-
-    head.refit = record_only
-    trainer.refit_head(" (benchmarks/refit_cases.py)")
-    del head.refit
+    training = trainer.refit_records(trainer.do_split()[0])  # the training cases' records, as refit_head gathers them
+    class_weights = trainer.classification_loss.weight.detach().cpu()
     predictor = CasePredictor(args.model, PredictorOptions(folds=(args.fold,), device=args.device))
     unseen, unseen_labels = test_records(predictor, args.unseen)
     pool, pool_labels = test_records(predictor, args.pool)
@@ -108,7 +101,7 @@ def main(argv=None) -> int:
     train_truth = [r for r in read_truth_features(args.data / "truth_features.csv") if r["split"] == "train"]
     pool_truth = [r for r in read_truth_features(args.pool / "truth_features.csv") if r["split"] == "test"]
     oracle = oracle_macro_f1(train_truth, pool_truth)
-    labels, weights, passes = training["labels"], training["weights"], training["passes"]
+    labels, weights, passes = training.labels, class_weights, training.passes
     rows = [("training cases, as in training", len(labels), *scored(head, passes, labels, weights, pool, pool_labels),
              ""),
             ("training cases, first pass", len(labels),

@@ -142,3 +142,11 @@ def atomic_write_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
             f.write(text)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save`` through ``atomic_path``. Through a file object: ``torch.save`` given a name takes the
+    archive's name from it up to the first dot, which is empty for the temporary's dotted name."""
+    import torch
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)

@@ -127,6 +127,14 @@ class ClassificationHead(nn.Module):
         training cases' classes); returns a line for the training log."""
         raise NotImplementedError
 
+    def recorded_logits(self, records: list) -> torch.Tensor:
+        """(N, K) the class logits this head gives the recorded cases (records of ``recording``)."""
+        raise NotImplementedError
+
+    def refitted_state(self) -> Dict[str, torch.Tensor]:
+        """The entries of the state dict that ``refit`` sets."""
+        return {}
+
     def forward(self, skips: Sequence[torch.Tensor], segmentation_logits: Optional[torch.Tensor] = None,
                 image: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
@@ -408,8 +416,8 @@ class SegGuidedHead(ClassificationHead):
         weighted by its pass, with an L2 penalty of ``REFIT_L2 * |W|^2 / (2 N)`` (N cases)."""
         device = self.descriptor_linear.weight.device
 
-        def stacked(records, i):  # clone: the records may be inference tensors
-            return torch.cat([r[i] for r in records]).to(device, torch.float32).clone()
+        def stacked(records, i):
+            return _stacked(records, i, device)
 
         y = torch.as_tensor(list(labels), dtype=torch.long, device=device)
         first = passes[0][1]
@@ -447,6 +455,17 @@ class SegGuidedHead(ClassificationHead):
                          .float().mean())
         return (f"descriptor branch refitted on {len(y)} training cases ({len(passes) - 1} more pass(es) with the "
                 f"guide removed): weighted loss {before:.4f} -> {after:.4f}, training accuracy {accuracy:.4f}")
+
+    @torch.no_grad()
+    def recorded_logits(self, records: list) -> torch.Tensor:
+        device = self.descriptor_linear.weight.device
+        values, present, mlp_logits = (_stacked(records, i, device) for i in range(3))
+        return mlp_logits + self.descriptor_linear(self.standardizer.standardise(values, present))
+
+    def refitted_state(self) -> Dict[str, torch.Tensor]:
+        """The descriptor branch: the standardiser's statistics and the linear layer."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()
+                if k.startswith(("standardizer.", "descriptor_linear."))}
 
     @torch.no_grad()
     def descriptor_presence(self, guide: torch.Tensor, organ: torch.Tensor,
@@ -575,6 +594,12 @@ def _dilate(mask: torch.Tensor, steps: int, cube: bool = False) -> torch.Tensor:
             grown = torch.maximum(grown, pool(x, kernel, stride=1, padding=tuple(k // 2 for k in kernel)))
         x = grown
     return x[:, 0] > 0
+
+
+def _stacked(records: list, i: int, device) -> torch.Tensor:
+    """Item ``i`` of every record (``SegGuidedHead.recording``) as one float32 tensor; cloned, as the records may
+    be inference tensors."""
+    return torch.cat([r[i] for r in records]).to(device, torch.float32).clone()
 
 
 def _weighted_mean(flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import math
 import multiprocessing
 import warnings
 from time import sleep, time
-from typing import List, NamedTuple, Optional, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 from multitask_nnunet.calibration import CALIBRATION_JSON, fit_calibration, write_calibration
-from multitask_nnunet.io.atomic import atomic_path
+from multitask_nnunet.io.atomic import atomic_torch_save
 from multitask_nnunet.io.class_csv import write_class_csvs
 from multitask_nnunet.io.class_labels import class_labels_for_cases, class_weights, read_class_labels
 from multitask_nnunet.errors import InputError, WriteError
@@ -73,6 +73,13 @@ class Curriculum(NamedTuple):
     phase1_epochs: int
     head_warmup_epochs: int
     best_weight_ramp_epochs: int
+
+
+class RefitRecords(NamedTuple):
+    """What a head's ``refit`` fits on (``MultitasknnUNetTrainer.refit_records``)."""
+    passes: List[Tuple[float, list]]   # per pass of ``refit_passes``: its sample weight, one record per case
+    labels: List[int]                  # the cases' classes
+    cases: List[str]                   # the cases' identifiers, in the records' order
 
 
 class CurriculumError(ValueError):
@@ -570,36 +577,46 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         super().on_train_end()
 
     def refit_head(self, of: str = "") -> None:
-        """For a head with ``refit_passes``: every training case of the fold predicted once per pass as
-        ``multitask-nnunet predict`` does at its defaults (auto mode: one pass where the volume fits in the patch,
-        else the sliding window, whose head reads the stitched case through ``case_logits``; no mirroring; eval
-        mode), while the head records what it refits from (one record per case); then ``head.refit``. Without
-        augmentation and with the network's own segmentation, on the path inference takes: a refit on whole-volume
-        passes met other masks at inference (TechReport 6.0). ``of`` names the network in the log line."""
+        """For a head with ``refit_passes``: ``head.refit`` on the records of every training case of the fold
+        (``refit_records``). ``of`` names the network in the log line."""
+        head = self._unwrapped_network().classification_head
+        if not head.refit_passes():  # under DDP every rank refits on all cases alike, so that their heads stay equal
+            return
+        started = time()
+        tr_keys, _ = self.do_split()
+        records = self.refit_records(tr_keys)
+        message = head.refit(records.passes, records.labels, self.classification_loss.weight)
+        self.print_to_log_file(f"Head refit{of}: {message} ({time() - started:.1f} s)")
+
+    def refit_records(self, keys: Sequence[str]) -> "RefitRecords":
+        """What ``head.refit`` fits on, for these preprocessed cases: per pass of ``refit_passes``, its weight and
+        one record per case (in the order of ``cases``), each case predicted as ``multitask-nnunet predict`` does at
+        its defaults (auto mode: one pass where the volume fits in the patch, else the sliding window, whose head
+        reads the stitched case through ``case_logits``; no mirroring; eval mode) while the head records; and the
+        cases' classes. Without augmentation and with the network's own segmentation, on the path inference takes:
+        a refit on whole-volume passes met other masks at inference (TechReport 6.0). ``multitask-nnunet
+        refit-head`` calls it with each fold's validation cases."""
         from multitask_nnunet.inference.predictor import MultitaskPredictor
 
         head = self._unwrapped_network().classification_head
-        passes = head.refit_passes()
-        if not passes:  # under DDP every rank refits on all cases alike, so that their heads stay equal
-            return
         self.set_deep_supervision_enabled(False)
         self.network.eval()
         predictor = self._predictor(MultitaskPredictor(use_mirroring=False, device=self.device))
-        tr_keys, _ = self.do_split()
-        dataset = self.dataset_class(self.preprocessed_dataset_folder, tr_keys)
-        started, recorded = time(), []
-        for weight, context in passes:
-            with context, head.recording() as records:
-                for key in dataset.identifiers:
-                    predictor.predict_preprocessed_case(_case_data(dataset, key)[0])
-            if len(records) != len(dataset.identifiers):
-                raise RuntimeError(f"head refit: {len(records)} records for {len(dataset.identifiers)} cases")
-            recorded.append((weight, list(records)))
-        labels = [self.class_labels.label_of(k) for k in dataset.identifiers]
-        message = head.refit(recorded, labels, self.classification_loss.weight)
-        self.print_to_log_file(f"Head refit{of}: {message} ({time() - started:.1f} s)")
-        self.set_deep_supervision_enabled(True)
-        self.network.train()
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, list(keys))
+        passes = []
+        try:
+            for weight, context in head.refit_passes():
+                with context, head.recording() as records:
+                    for key in dataset.identifiers:
+                        predictor.predict_preprocessed_case(_case_data(dataset, key)[0])
+                if len(records) != len(dataset.identifiers):
+                    raise RuntimeError(f"head refit: {len(records)} records for {len(dataset.identifiers)} cases")
+                passes.append((weight, list(records)))
+        finally:
+            self.set_deep_supervision_enabled(True)
+            self.network.train()
+        cases = list(dataset.identifiers)
+        return RefitRecords(passes, [self.class_labels.label_of(k) for k in cases], cases)
 
     def refit_best_checkpoint(self) -> None:
         """``checkpoint_best.pth``'s head refitted as ``refit_head`` refits the final one, on that checkpoint's own
@@ -618,10 +635,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
             checkpoint['classification_head']['state_dict'] = {
                 k: v.detach().clone() for k, v in split_state_dict(network.state_dict())[1].items()}
             if self.local_rank == 0:
-                # torch.save given a name takes the archive's name from it up to the first dot: empty for
-                # the temporary's dotted name, so it writes through a file object
-                with atomic_path(path) as tmp, open(tmp, 'wb') as f:
-                    torch.save(checkpoint, f)
+                atomic_torch_save(checkpoint, path)
         finally:
             network.load_state_dict(final)
 
