@@ -2,7 +2,7 @@
 
 After the last epoch each fold refits its head's descriptor branch (``MultitasknnUNetTrainer.refit_head``) on its
 own training cases. The network segments those better than any case it meets at inference, so the branch learns
-from cleaner descriptors than it is later given, and from as few cases as the fold has (TechReport 6.0, "What the
+from cleaner descriptors than it is later given, and from as few cases as the fold has (TechReport.md, "What the
 refit lacks"). Once every fold is trained, this refits the branch out of fold, like a stacked model:
 
 1. every fold's network predicts its own validation cases as the refit predicts training cases

@@ -594,8 +594,8 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         its defaults (auto mode: one pass where the volume fits in the patch, else the sliding window, whose head
         reads the stitched case through ``case_logits``; no mirroring; eval mode) while the head records; and the
         cases' classes. Without augmentation and with the network's own segmentation, on the path inference takes:
-        a refit on whole-volume passes met other masks at inference (TechReport 6.0). ``multitask-nnunet
-        refit-head`` calls it with each fold's validation cases."""
+        a refit on whole-volume passes met other masks at inference (TechReport.md, "How the head got here").
+        ``multitask-nnunet refit-head`` calls it with each fold's validation cases."""
         from multitask_nnunet.inference.predictor import MultitaskPredictor
 
         head = self._unwrapped_network().classification_head
