@@ -1,4 +1,4 @@
-"""The head refitted out of fold (``multitask-nnunet refit-head``) against each fold's own refit, on the hard pool.
+"""The head refitted out of fold (``refit_folds.py``) against each fold's own refit, on the hard pool.
 
 Takes the data of one ``benchmarks/classification_learning.py --difficulty hard`` run (its preprocessed dataset
 and its pool) and:
@@ -9,7 +9,7 @@ and its pool) and:
 2. trains the five folds with stock ``nnUNetv2_train`` and the benchmark's trainer (``--trainer``, schedule and
    seed from ``MULTITASK_BENCH_*`` as in ``classification_learning.py``), each fold with its own refit;
 3. predicts the pool with ``multitask-nnunet predict`` at its defaults and scores it with ``evaluate``: fold 0
-   with its own refit (``own``); then runs ``refit-head`` and predicts fold 0 again, the same network with the
+   with its own refit (``own``); then runs ``refit_folds.py`` and predicts fold 0 again, the same network with the
    branch refitted out of fold, and the five folds (``out_of_fold``). The five folds with their own refits are
    not predicted: on CPU-A that is ~30 minutes more;
 4. prints macro-F1, its ratio to the pool oracle, ECE, mean confidence, and the lesions missed.
@@ -82,14 +82,15 @@ def main(argv=None) -> int:
     raw = args.data / "nnUNet_raw" / DATASET
     predictions = {"own": (("fold0", (0,)),), "out_of_fold": (("fold0", (0,)), ("folds5", FOLDS))}
     refitted = model / "refit_head.json"
-    if not refitted.is_file():  # fold 0's own refit first: predicted before refit-head replaces it
+    if not refitted.is_file():  # fold 0's own refit first: predicted before the out-of-fold refit replaces it
         pool_scores(args, "own_fold0", model, args.pool, raw, work, env, (0,))
-        run(command("multitask-nnunet", "refit-head", DATASET_ID, CONFIGURATION, "-tr", args.trainer, "-p",
-                    args.plans, "-f", *FOLDS, "--device", args.device), env, work / "logs" / "refit_head.log")
+        run([sys.executable, str(Path(__file__).resolve().parent / "refit_folds.py"), str(DATASET_ID),
+             CONFIGURATION, "-tr", args.trainer, "-p", args.plans, "-f", *map(str, FOLDS), "--device", args.device],
+            env, work / "logs" / "refit_head.log")
     figures = {head: {name: pool_scores(args, f"{head}_{name}", model, args.pool, raw, work, env, folds)
                       for name, folds in rows} for head, rows in predictions.items()}
     oracle = pool_oracle(args.data / "synthetic", args.pool)["pool_macro_f1"]
-    print(f"\npool: {args.pool} ({oracle:.3f} oracle macro-F1)\nrefit-head, cross-fitted on the training cases: "
+    print(f"\npool: {args.pool} ({oracle:.3f} oracle macro-F1)\nrefitted out of fold, cross-fitted on the training cases: "
           f"{json.dumps(load(refitted)['cross_fitted'])}")
     print(f"{'head':<12} {'folds':<6} {'macro-F1':>8} {'x oracle':>8} {'ECE':>6} {'conf.':>6} {'missed':>6} "
           f"{'whole':>6} {'lesion':>6}")

@@ -56,9 +56,7 @@ def scored(head, passes, labels, weights, pool_records, pool_labels) -> tuple:
     """(macro-F1, mean max probability) on the pool of a copy of ``head`` refitted on ``passes``."""
     fitted = copy.deepcopy(head)
     fitted.refit(passes, labels, weights)
-    with torch.no_grad():
-        logits = torch.cat([mlp + fitted.descriptor_linear(fitted.standardizer.standardise(d, p)) for d, p, mlp in pool_records])
-        probabilities = torch.softmax(logits, 1).numpy()
+    probabilities = torch.softmax(fitted.recorded_logits(pool_records), 1).numpy()
     names = [str(k) for k in range(probabilities.shape[1])]
     metrics = classification_metrics(np.asarray(pool_labels), probabilities.argmax(1), names)
     return metrics["macro_f1"], float(probabilities.max(1).mean())

@@ -17,7 +17,6 @@ from multitask_nnunet.errors import WRITE_ERRNOS, InputError, WriteError
 SUBCOMMAND_MODULES = [
     "multitask_nnunet.conversion.synthetic",     # make-synthetic
     "multitask_nnunet.conversion.convert",       # convert
-    "multitask_nnunet.training.refit",           # refit-head
     "multitask_nnunet.inference.batch",          # predict
     "multitask_nnunet.evaluation.evaluate",      # evaluate
     "multitask_nnunet.demo",                     # demo

@@ -595,7 +595,7 @@ class MultitasknnUNetTrainer(SeededTraining, nnUNetTrainer):
         reads the stitched case through ``case_logits``; no mirroring; eval mode) while the head records; and the
         cases' classes. Without augmentation and with the network's own segmentation, on the path inference takes:
         a refit on whole-volume passes met other masks at inference (TechReport.md, "How the head got here").
-        ``multitask-nnunet refit-head`` calls it with each fold's validation cases."""
+        The benchmarks call it with other cases (``refit_cases.py``, ``refit_folds.py``)."""
         from multitask_nnunet.inference.predictor import MultitaskPredictor
 
         head = self._unwrapped_network().classification_head

@@ -1,4 +1,7 @@
-"""``multitask-nnunet refit-head``: the folds' heads refitted together, on cases none of them trained on.
+"""The folds' heads refitted together, on cases none of them trained on: measured, not adopted
+(``out_of_fold_refit.py`` runs it and scores it; TechReport.md, "The refit out of fold").
+
+    python benchmarks/refit_folds.py DATASET CONFIGURATION -tr TRAINER -p PLANS -f 0 1 2 3 4
 
 After the last epoch each fold refits its head's descriptor branch (``MultitasknnUNetTrainer.refit_head``) on its
 own training cases. The network segments those better than any case it meets at inference, so the branch learns
@@ -25,6 +28,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 from time import time
 from typing import List, Sequence
 
@@ -55,8 +59,7 @@ def refit_out_of_fold(dataset: str, configuration: str, trainer_name: str, plans
     for fold in folds:  # before any trainer is made (it would make the fold's folder and log)
         path = os.path.join(get_output_folder(dataset, trainer_name, plans, configuration, fold), checkpoint)
         if not os.path.isfile(path):
-            raise InputError(f"{path}: no such checkpoint; train fold {fold} first (refit-head needs every fold "
-                             f"it names trained)")
+            raise InputError(f"{path}: no such checkpoint; train fold {fold} first")
     started = time()
     fitted, trainers, validated = [], [], set()
     for fold in folds:
@@ -83,7 +86,7 @@ def refit_out_of_fold(dataset: str, configuration: str, trainer_name: str, plans
                              f"{', '.join(sorted(validated & set(val_keys))[:3])}): use the folds of one "
                              f"splits_final.json")
         validated |= set(val_keys)
-        trainer.print_to_log_file(f"refit-head: predicting fold {fold}'s {len(val_keys)} validation cases")
+        trainer.print_to_log_file(f"refit out of fold: predicting fold {fold}'s {len(val_keys)} validation cases")
         fitted.append(trainer.refit_records(val_keys))
         trainers.append((fold, trainer, path))
 
@@ -112,7 +115,7 @@ def refit_out_of_fold(dataset: str, configuration: str, trainer_name: str, plans
     cases = [case for r in fitted for case in r.cases]
     stacked = np.stack([probabilities[c] for c in cases])
     calibration = {**fit_calibration(stacked, labels),
-                   "fitted_on": f"refit-head: cross-fitted probabilities of {len(cases)} validation cases of folds "
+                   "fitted_on": f"refit_folds.py: cross-fitted probabilities of {len(cases)} validation cases of folds "
                                 f"{', '.join(map(str, folds))}"}
     metrics = classification_metrics(labels, [int(np.argmax(p)) for p in stacked], class_names)
     for (fold, trainer, path), records in zip(trainers, fitted):
@@ -131,7 +134,7 @@ def refit_out_of_fold(dataset: str, configuration: str, trainer_name: str, plans
                "seconds": round(time() - started, 1)}
     model_folder = os.path.dirname(trainers[0][1].output_folder)
     atomic_write_text(os.path.join(model_folder, SUMMARY_JSON), json.dumps(summary, indent=2) + "\n")
-    line = (f"refit-head: descriptor branch refitted on {len(cases)} out-of-fold cases of folds "
+    line = (f"refit out of fold: descriptor branch refitted on {len(cases)} out-of-fold cases of folds "
             f"{', '.join(map(str, folds))} and written to every fold's {checkpoint}; cross-fitted macro-F1 "
             f"{metrics['macro_f1']:.4f}, accuracy {metrics['accuracy']:.4f}; temperature "
             f"{calibration['temperature']:.4f} in every fold's {CALIBRATION_JSON}")
@@ -151,33 +154,28 @@ def write_validation_classification(folder: str, records, probabilities: dict, c
                                      class_names)
     atomic_write_text(os.path.join(folder, "classification_summary.json"), json.dumps(
         {**metrics, "n_cases": len(records.cases), "class_names": class_names,
-         "source": "refit-head: cross-fitted (the branch fitted on the other folds' cases), no mirroring"},
+         "source": "refit_folds.py: cross-fitted (the branch fitted on the other folds' cases), no mirroring"},
         indent=2) + "\n")
 
 
-def run(args) -> int:
-    import torch
-    from multitask_nnunet.registration import ext_trainer_path
-    os.environ["nnUNet_extTrainer"] = ext_trainer_path()  # nnU-Net finds the trainer as nnUNetv2_train does
-    refit_out_of_fold(args.dataset_name_or_id, args.configuration, args.tr, args.p, args.f, args.chk,
-                      args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return 0
-
-
-def add_parser(subparsers):
-    p = subparsers.add_parser(
-        "refit-head", help="refit the folds' classification heads together on out-of-fold cases (after training "
-                           "all folds)",
-        description="After nnUNetv2_train has trained every fold: each fold's network predicts its validation "
-                    "cases, the head's descriptor branch is refitted on all of them (cases no network trained on) "
-                    "and written into every fold's checkpoint; calibration.json and the folds' validation class "
-                    "files are refitted and rewritten from cross-fitted probabilities. Needs nnUNet_preprocessed "
-                    "and nnUNet_results, as nnUNetv2_train does.")
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("dataset_name_or_id")
     p.add_argument("configuration")
     p.add_argument("-tr", default="MultitasknnUNetTrainer", help="trainer (default: %(default)s)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: %(default)s)")
     p.add_argument("-f", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="folds (default: 0 1 2 3 4)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="the checkpoint refitted (default: %(default)s)")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else cpu")
-    p.set_defaults(func=run)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    from multitask_nnunet.registration import ext_trainer_path
+    os.environ["nnUNet_extTrainer"] = ext_trainer_path()  # nnU-Net finds the trainer as nnUNetv2_train does
+    try:
+        refit_out_of_fold(args.dataset_name_or_id, args.configuration, args.tr, args.p, args.f, args.chk, args.device)
+    except InputError as e:
+        raise SystemExit(f"refit_folds.py: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
