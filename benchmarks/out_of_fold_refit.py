@@ -9,13 +9,12 @@ and its pool) and:
 2. trains the five folds with stock ``nnUNetv2_train`` and the benchmark's trainer (``--trainer``, schedule and
    seed from ``MULTITASK_BENCH_*`` as in ``classification_learning.py``), each fold with its own refit;
 3. predicts the pool with ``multitask-nnunet predict`` at its defaults and scores it with ``evaluate``: fold 0
-   with its own refit (``own``); then runs ``refit_folds.py`` and predicts fold 0 again, the same network with the
-   branch refitted out of fold, and the five folds (``out_of_fold``). The five folds with their own refits are
-   not predicted: on CPU-A that is ~30 minutes more;
+   alone and the five folds, with the folds' own refits (``own``); then runs ``refit_folds.py`` and predicts both
+   again (``out_of_fold``). On CPU-A the five folds take ~20 minutes per prediction, idle;
 4. prints macro-F1, its ratio to the pool oracle, ECE, mean confidence, and the lesions missed.
 
 Every step is kept and reused on a rerun (trained folds, predictions, figures). The refit changes neither the
-networks nor the MLPs, so fold 0's masks are the same before and after it.
+networks nor the MLPs, so the masks are the same before and after it.
 
     python benchmarks/out_of_fold_refit.py --data WORK/data_quiz_s0_c3_36-9-15_hard \
         --pool WORK/pool_quiz_s11_c3_n150_hard/synthetic --train-seed 1 --workdir WORK/oof_t1
@@ -80,15 +79,16 @@ def main(argv=None) -> int:
             run(command("nnUNetv2_train", DATASET_ID, CONFIGURATION, fold, "-tr", args.trainer, "-p", args.plans,
                         "-device", args.device, *resume), env, work / "logs" / f"train_fold{fold}.log", echo=True)
     raw = args.data / "nnUNet_raw" / DATASET
-    predictions = {"own": (("fold0", (0,)),), "out_of_fold": (("fold0", (0,)), ("folds5", FOLDS))}
-    refitted = model / "refit_head.json"
-    if not refitted.is_file():  # fold 0's own refit first: predicted before the out-of-fold refit replaces it
-        pool_scores(args, "own_fold0", model, args.pool, raw, work, env, (0,))
+    predictions = (("fold0", (0,)), ("folds5", FOLDS))
+    refitted = model / "refit_folds.json"
+    if not refitted.is_file():  # the folds' own refits first: predicted before the out-of-fold refit replaces them
+        for name, folds in predictions:
+            pool_scores(args, f"own_{name}", model, args.pool, raw, work, env, folds)
         run([sys.executable, str(Path(__file__).resolve().parent / "refit_folds.py"), str(DATASET_ID),
              CONFIGURATION, "-tr", args.trainer, "-p", args.plans, "-f", *map(str, FOLDS), "--device", args.device],
-            env, work / "logs" / "refit_head.log")
+            env, work / "logs" / "refit_folds.log")
     figures = {head: {name: pool_scores(args, f"{head}_{name}", model, args.pool, raw, work, env, folds)
-                      for name, folds in rows} for head, rows in predictions.items()}
+                      for name, folds in predictions} for head in ("own", "out_of_fold")}
     oracle = pool_oracle(args.data / "synthetic", args.pool)["pool_macro_f1"]
     print(f"\npool: {args.pool} ({oracle:.3f} oracle macro-F1)\nrefitted out of fold, cross-fitted on the training cases: "
           f"{json.dumps(load(refitted)['cross_fitted'])}")
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                   f"{r['pool_missed_lesions']:>6} {r['pool_dice_whole']:>6.3f} {r['pool_dice_lesion']:>6.3f}")
     if args.json:
         save({"command": " ".join([sys.executable, *sys.argv]), "oracle": oracle, "figures": figures,
-              "refit_head": load(refitted)}, args.json)
+              "refit_folds": load(refitted)}, args.json)
     return 0
 
 

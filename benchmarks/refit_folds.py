@@ -18,7 +18,7 @@ refit lacks"). Once every fold is trained, this refits the branch out of fold, l
 4. one temperature fitted on the cross-fitted probabilities goes to every fold's ``calibration.json``, and each
    fold's validation class files (``class_probabilities.csv``, ``subtype_results.csv``,
    ``classification_summary.json``) are rewritten from them, so that they describe the head the checkpoint
-   holds; ``refit_head.json`` in the model folder sums up.
+   holds; ``refit_folds.json`` in the model folder sums up.
 
 The records depend on the networks only, not on the branch, so a rerun (after an interruption, say) fits the
 same branch again. The folds' validation sets must not overlap and no fold may have trained on its own
@@ -39,12 +39,12 @@ from multitask_nnunet.errors import InputError
 from multitask_nnunet.io.atomic import atomic_torch_save, atomic_write_text
 from multitask_nnunet.io.class_csv import write_class_csvs
 
-SUMMARY_JSON = "refit_head.json"
+SUMMARY_JSON = "refit_folds.json"
 
 
 def refit_out_of_fold(dataset: str, configuration: str, trainer_name: str, plans: str, folds: Sequence[int],
                       checkpoint: str = "checkpoint_final.pth", device: str = "cpu") -> dict:
-    """Steps 1-4 of the module docstring; returns the summary also written to ``refit_head.json``."""
+    """Steps 1-4 of the module docstring; returns the summary also written to ``refit_folds.json``."""
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunetv2.utilities.file_path_utilities import get_output_folder
