@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     if not head.refit_passes():
         raise SystemExit(f"{args.model}: its head ({type(head).__name__}) has no refit")
     training = trainer.refit_records(trainer.do_split()[0])  # the training cases' records, as refit_head gathers them
-    class_weights = trainer.classification_loss.weight.detach().cpu()
+    training_weights = trainer.classification_loss.weight.detach().cpu()  # the class weights refit_head passes
     predictor = CasePredictor(args.model, PredictorOptions(folds=(args.fold,), device=args.device))
     unseen, unseen_labels = test_records(predictor, args.unseen)
     pool, pool_labels = test_records(predictor, args.pool)
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     train_truth = [r for r in read_truth_features(args.data / "truth_features.csv") if r["split"] == "train"]
     pool_truth = [r for r in read_truth_features(args.pool / "truth_features.csv") if r["split"] == "test"]
     oracle = oracle_macro_f1(train_truth, pool_truth)
-    labels, weights, passes = training.labels, class_weights, training.passes
+    labels, weights, passes = training.labels, training_weights, training.passes
     rows = [("training cases, as in training", len(labels), *scored(head, passes, labels, weights, pool, pool_labels),
              ""),
             ("training cases, first pass", len(labels),

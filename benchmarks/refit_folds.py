@@ -15,10 +15,9 @@ refit lacks"). Once every fold is trained, this refits the branch out of fold, l
    gets class probabilities from a branch that was not fitted on it;
 3. the branch fitted on all records is written into every fold's checkpoint (each fold keeps its own network
    and MLP; only the branch is shared);
-4. one temperature fitted on the cross-fitted probabilities goes to every fold's ``calibration.json``, and each
-   fold's validation class files (``class_probabilities.csv``, ``subtype_results.csv``,
-   ``classification_summary.json``) are rewritten from them, so that they describe the head the checkpoint
-   holds; ``refit_folds.json`` in the model folder sums up.
+4. one temperature fitted on the cross-fitted probabilities goes to every fold's ``calibration.json``;
+   ``refit_folds.json`` in the model folder gives their macro-F1. The folds' validation class files are left as
+   they are: they describe the folds' own refits.
 
 The records depend on the networks only, not on the branch, so a rerun (after an interruption, say) fits the
 same branch again. The folds' validation sets must not overlap and no fold may have trained on its own
@@ -37,7 +36,6 @@ import numpy as np
 from multitask_nnunet.calibration import CALIBRATION_JSON, fit_calibration, write_calibration
 from multitask_nnunet.errors import InputError
 from multitask_nnunet.io.atomic import atomic_torch_save, atomic_write_text
-from multitask_nnunet.io.class_csv import write_class_csvs
 
 SUMMARY_JSON = "refit_folds.json"
 
@@ -118,15 +116,13 @@ def refit_out_of_fold(dataset: str, configuration: str, trainer_name: str, plans
                    "fitted_on": f"refit_folds.py: cross-fitted probabilities of {len(cases)} validation cases of folds "
                                 f"{', '.join(map(str, folds))}"}
     metrics = classification_metrics(labels, [int(np.argmax(p)) for p in stacked], class_names)
-    for (fold, trainer, path), records in zip(trainers, fitted):
+    for fold, trainer, path in trainers:
         checkpoint_dict = torch.load(path, map_location="cpu", weights_only=False)
         checkpoint_dict["classification_head"]["state_dict"].update({k: v.cpu() for k, v in branch.items()})
         checkpoint_dict["classification_head"]["refit"] = {"out_of_fold": True, "folds": list(folds),
                                                            "cases": len(cases)}
         atomic_torch_save(checkpoint_dict, path)
         write_calibration(trainer.output_folder, calibration)
-        write_validation_classification(os.path.join(trainer.output_folder, "validation"), records, probabilities,
-                                        class_names, trainer.dataset_json["file_ending"])
     summary = {"folds": list(folds), "checkpoint": checkpoint, "cases": len(cases),
                "cross_fitted": {k: metrics[k] for k in ("macro_f1", "accuracy", "confusion_matrix")},
                "temperature": calibration["temperature"], "ece_before": calibration["ece_before"],
@@ -141,21 +137,6 @@ def refit_out_of_fold(dataset: str, configuration: str, trainer_name: str, plans
     for _, trainer, _ in trainers:
         trainer.print_to_log_file(line)
     return summary
-
-
-def write_validation_classification(folder: str, records, probabilities: dict, class_names: List[str],
-                                    ending: str) -> None:
-    """The fold's validation class files, from the cross-fitted probabilities of its validation cases."""
-    from multitask_nnunet.evaluation.metrics import classification_metrics
-    os.makedirs(folder, exist_ok=True)
-    write_class_csvs(folder, {c + ending: probabilities[c] for c in records.cases}, class_names,
-                     {c + ending: label for c, label in zip(records.cases, records.labels)})
-    metrics = classification_metrics(records.labels, [int(np.argmax(probabilities[c])) for c in records.cases],
-                                     class_names)
-    atomic_write_text(os.path.join(folder, "classification_summary.json"), json.dumps(
-        {**metrics, "n_cases": len(records.cases), "class_names": class_names,
-         "source": "refit_folds.py: cross-fitted (the branch fitted on the other folds' cases), no mirroring"},
-        indent=2) + "\n")
 
 
 def main(argv=None) -> int:
