@@ -51,8 +51,13 @@ Measured per trainer:
   predict`` at its defaults (auto mode, no TTA) and scored by ``multitask-nnunet evaluate``: macro-F1, its ratio
   to the oracle on the same cases (the regression fitted on the same training cases), Dice, missed lesions,
   ECE and confidence. On 15 test cases one case moves macro-F1 by about 0.07; on 150 by under 0.01, so the
-  pool is what a difference between heads is read on. Stock is not run on the pool (its Dice is compared on
-  the test cases, at equal inference).
+  pool is what a difference between heads is read on. Beside it, two ceilings at this schedule's
+  segmentation, the oracle's regression on the same features measured on predicted masks (fitted on the
+  training cases' masks, scored on the pool's): stock's masks (``nnUNetv2_predict --disable_tta``; stock's
+  Dice itself is compared on the test cases, at equal inference) and each multitask trainer's own
+  (``predict`` at its defaults, ``predictions_train/<trainer>``). F1 over its own masks' oracle says how well
+  the head reads what its segmentation found; the truth oracle over stock's masks' oracle, how much of the gap
+  a head cannot close while its segmentation stays stock's.
 The tables are printed at the end; ``--json FILE`` writes every figure, the settings and the machine.
 ``--oracle-only`` makes (or reuses) the data and prints the oracle alone, in seconds.
 
@@ -421,40 +426,67 @@ def oracle(source: Path) -> dict:
             "model": "logistic regression: standardised features, balanced class weights, random_state 0"}
 
 
-def stock_mask_oracle(args, plans: str, source: Path, run_dir: Path, env: dict, test_masks: Path) -> dict:
-    """The oracle at this schedule's segmentation: the same logistic regression on the same features, measured on
-    stock's predicted masks instead of the true ones, fitted on the train cases (stock's masks of its own
-    training cases: ``nnUNetv2_predict --disable_tta``) and scored on the test cases (stock's test masks, as
-    predicted above). What a head that reads these features perfectly could reach from the masks this schedule's
-    segmentation gives; the truth oracle minus this is the segmentation's share of the gap."""
-    import SimpleITK as sitk
-    from multitask_nnunet.conversion.synthetic import oracle_macro_f1, truth_features
-    from multitask_nnunet.io.nifti import read_label_map
-    rows = truth_feature_rows(source)
-    images = run_dir / "train_images"  # the training cases' images, flat, as nnUNetv2_predict reads them
+def training_images(source: Path, run_dir: Path) -> Path:
+    """The training cases' images, flat, as ``nnUNetv2_predict`` and ``multitask-nnunet predict`` read them."""
+    images = run_dir / "train_images"
     images.mkdir(parents=True, exist_ok=True)
     for image in sorted((source / "train").glob("*/*_0000.nii.gz")):
         if not (images / image.name).exists():
             (images / image.name).symlink_to(image)
-    out = run_dir / "predictions_train" / STOCK_TRAINER
-    record_file = run_dir / "records" / f"{STOCK_TRAINER}_predict_train.json"
+    return images
+
+
+def mask_oracle(train: list, train_images: Path, train_masks: Path, test: list, test_images: Path,
+                test_masks: Path) -> float:
+    """The oracle's regression on the truth features measured on predicted masks instead of the true ones:
+    fitted on ``train`` (truth-feature rows: their names and classes) as ``train_masks`` segments them, scored on
+    ``test`` as ``test_masks`` does. What a head that reads these features perfectly could reach from those
+    masks; the oracle on the true masks minus this is the segmentation's share of the gap."""
+    import SimpleITK as sitk
+    from multitask_nnunet.conversion.synthetic import oracle_macro_f1, truth_features
+    from multitask_nnunet.io.nifti import read_label_map
+
+    def measured(rows: list, images: Path, masks: Path) -> list:
+        return [{"Names": r["Names"], "Subtype": r["Subtype"],
+                 **truth_features(sitk.ReadImage(str(images / r["Names"].replace(".nii.gz", "_0000.nii.gz"))),
+                                  read_label_map(masks / r["Names"]))} for r in rows]
+
+    return oracle_macro_f1(measured(train, train_images, train_masks), measured(test, test_images, test_masks))
+
+
+def stock_predictions(args, plans: str, images: Path, out: Path, run_dir: Path, env: dict, name: str) -> Path:
+    """``nnUNetv2_predict --disable_tta`` of stock's fold 0 on ``images`` into ``out`` (reused when done)."""
+    record_file = run_dir / "records" / f"{STOCK_TRAINER}_{name}.json"
     if not record_file.is_file():
         n_proc = "1" if args.device == "cpu" else "3"
         save({"predict_seconds": run(command(
             "nnUNetv2_predict", "-i", images, "-o", out, "-d", DATASET_ID, "-c", CONFIGURATION, "-f", "0",
             "-tr", STOCK_TRAINER, "-p", plans, "-device", args.device, "-npp", n_proc, "-nps", n_proc,
-            "--disable_tta", "--continue_prediction"), env, run_dir / "logs" / f"{STOCK_TRAINER}_predict_train.log")},
+            "--disable_tta", "--continue_prediction"), env, run_dir / "logs" / f"{STOCK_TRAINER}_{name}.log")},
             record_file)
+    return out
 
-    def measured(split: str, image_folder, masks: Path) -> list:
-        return [{"Names": r["Names"], "Subtype": r["Subtype"],
-                 **truth_features(sitk.ReadImage(str(image_folder / r["Names"].replace(".nii.gz", "_0000.nii.gz"))),
-                                  read_label_map(masks / r["Names"]))}
-                for r in rows if r["split"] == split]
 
-    train, test = measured("train", images, out), measured("test", source / "test", test_masks)
-    return {"macro_f1_stock_masks": oracle_macro_f1(train, test),
-            "stock_masks": "train: nnUNetv2_predict --disable_tta on the training cases; test: stock's test masks"}
+def stock_mask_oracle(args, plans: str, source: Path, run_dir: Path, env: dict, test_masks: Path,
+                      pool: Path = None) -> dict:
+    """``mask_oracle`` on stock's masks: fitted on its masks of its own training cases (``nnUNetv2_predict
+    --disable_tta``), scored on its test masks (as predicted above) and, with ``pool``, on the pool's cases
+    (``--disable_tta``, as the multitask trainers' pool masks: ``predict`` at its defaults mirrors nothing)."""
+    rows = truth_feature_rows(source)
+    images = training_images(source, run_dir)
+    train_masks = stock_predictions(args, plans, images, run_dir / "predictions_train" / STOCK_TRAINER, run_dir,
+                                    env, "predict_train")
+    train = [r for r in rows if r["split"] == "train"]
+    figures = {"macro_f1_stock_masks": mask_oracle(train, images, train_masks, [r for r in rows if r["split"] == "test"],
+                                                   source / "test", test_masks),
+               "stock_masks": "train: nnUNetv2_predict --disable_tta on the training cases; test: stock's test masks"}
+    if pool is not None:
+        pool_masks = stock_predictions(args, plans, pool / "test", run_dir / "predictions_pool" / STOCK_TRAINER,
+                                       run_dir, env, f"predict_pool_{pool.parent.name}")
+        figures["pool_macro_f1_stock_masks"] = mask_oracle(
+            train, images, train_masks, [r for r in truth_feature_rows(pool) if r["split"] == "test"], pool / "test",
+            pool_masks)
+    return figures
 
 
 def missed_lesions(pred_dir: Path, gt: Path, raw: Path) -> dict:
@@ -526,9 +558,18 @@ def pool_scores(args, trainer: str, model: Path, pool: Path, raw: Path, run_dir:
     run(command("multitask-nnunet", "evaluate", "--pred", out, "--gt", pool / "test_labels", "--dataset-json",
                 raw / "dataset.json", "--json", metrics_file), env, run_dir / "logs" / f"{trainer}_evaluate_pool.log")
     metrics = load(metrics_file)
+    source = raw.parents[1] / "synthetic"  # the training cases (DATA/nnUNet_raw/DATASET beside DATA/synthetic)
+    images = training_images(source, run_dir)
+    train_masks = run_dir / "predictions_train" / trainer
+    if not (train_masks / "subtype_results.csv").is_file():
+        run(command("multitask-nnunet", "predict", "-i", images, "-o", train_masks, "-m", model, "-f", *folds,
+                    "--device", args.device), env, run_dir / "logs" / f"{trainer}_predict_train.log")
+    own_masks = mask_oracle([r for r in truth_feature_rows(source) if r["split"] == "train"], images, train_masks,
+                            [r for r in truth_feature_rows(pool) if r["split"] == "test"], pool / "test", out)
     missed = missed_lesions(out, pool / "test_labels", raw)
     whole, lesion = whole_and_lesion(dict(metrics["dice"]), raw)
-    return {"pool_macro_f1": metrics["macro_f1"], "pool_dice_whole": whole, "pool_dice_lesion": lesion,
+    return {"pool_macro_f1": metrics["macro_f1"], "pool_macro_f1_own_masks": own_masks,
+            "pool_dice_whole": whole, "pool_dice_lesion": lesion,
             "pool_missed_lesions": sum(missed.values()), "pool_predict_seconds": load(record_file)["predict_seconds"],
             **{"pool_" + k[len("test_"):]: v for k, v in missed_and_found(out, metrics, missed).items()}}
 
@@ -622,16 +663,22 @@ def oracle_table(results: dict, figures: dict) -> str:
 
 
 def pool_table(results: dict, figures: dict) -> str:
-    """The multitask trainers on the pool, beside the oracle on the same cases."""
-    header = (f"{'trainer':<36} {'pool F1':>7} {'/oracle':>7} {'Dice whole':>10} {'lesion':>7} {'ECE':>6} "
-              f"{'missed':>10} {'F1 missed':>9} {'conf missed':>11} {'conf found':>10}")
+    """The multitask trainers on the pool, beside the oracle on the same cases: on the true masks, on stock's and
+    on the trainer's own predicted masks."""
+    header = (f"{'trainer':<36} {'pool F1':>7} {'/oracle':>7} {'/stock masks':>12} {'/own masks':>10} "
+              f"{'Dice whole':>10} {'lesion':>7} {'ECE':>6} {'missed':>10} {'F1 missed':>9} {'conf missed':>11} "
+              f"{'conf found':>10}")
+    stock = figures.get("pool_macro_f1_stock_masks")
     lines = [f"pool: {figures['n_pool']} more test cases (another seed); oracle on them {figures['pool_macro_f1']:.3f} "
              f"(fitted on the same {figures['n_train']} train cases); multitask-nnunet predict at its defaults",
-             header, "-" * len(header)]
+             f"  oracle on {STOCK_TRAINER}'s masks (train and pool, --disable_tta) {fmt(stock)}; on each trainer's "
+             f"own masks (train and pool, predict at its defaults): /own masks", header, "-" * len(header)]
     for trainer, r in results.items():
         if r.get("pool_macro_f1") is None:
             continue
         lines.append(f"{trainer:<36} {r['pool_macro_f1']:>7.3f} {r['pool_macro_f1'] / figures['pool_macro_f1']:>7.2f} "
+                     f"{fmt(r.get('pool_f1_over_stock_mask_oracle'), 2):>12} "
+                     f"{fmt(r.get('pool_f1_over_own_mask_oracle'), 2):>10} "
                      f"{r['pool_dice_whole']:>10.4f} {r['pool_dice_lesion']:>7.4f} {fmt(r.get('pool_ece')):>6} "
                      f"{r['pool_missed_lesions']:>3} of {figures['n_pool']:<3} {fmt(r.get('pool_macro_f1_missed')):>9} "
                      f"{fmt(r.get('pool_confidence_missed')):>11} {fmt(r.get('pool_confidence_found')):>10}")
@@ -794,7 +841,7 @@ def main(argv=None) -> int:
         if trainer == STOCK_TRAINER:
             try:
                 oracle_figures.update(stock_mask_oracle(args, plans["name"], data / "synthetic", run_dir, env,
-                                                        Path(test["predictions"])))
+                                                        Path(test["predictions"]), pool))
             except SystemExit as e:
                 failed[f"{trainer} (training-case masks)"] = str(e)
     for r in results.values():
@@ -806,6 +853,10 @@ def main(argv=None) -> int:
     for r in results.values():
         if r.get("pool_macro_f1") is not None:
             r["pool_f1_over_oracle"] = r["pool_macro_f1"] / oracle_figures["pool_macro_f1"]
+            for key, reference in (("pool_f1_over_own_mask_oracle", r.get("pool_macro_f1_own_masks")),
+                                   ("pool_f1_over_stock_mask_oracle", oracle_figures.get("pool_macro_f1_stock_masks"))):
+                if reference:
+                    r[key] = r["pool_macro_f1"] / reference
     report = table(results) + "\n\n" + oracle_table(results, oracle_figures) + \
         ("\n\n" + pool_table(results, oracle_figures) if pool is not None else "") + \
         "".join(f"\nFAILED {t}: {message}" for t, message in failed.items())

@@ -14,8 +14,10 @@ regression, the same standardiser, the MLP's logits held fixed) fitted on
   training cases,
 
 each scored (macro-F1, mean max probability) on the test split of ``--pool`` as ``predict`` classifies it at its
-defaults (auto mode, no mirroring), beside the oracle (``synthetic.oracle_macro_f1`` on the truth features of
-``--data``'s training cases) on the same pool. ``--unseen`` and ``--pool`` are two different seeds' cases, e.g. the
+defaults (auto mode, no mirroring), beside the oracle (``synthetic.oracle_macro_f1``) fitted on the true
+features of the same cases (for the draws: on each draw) and scored on the same pool. Which cases a
+regression is fitted on moves the oracle as much as the model: a row's own oracle, not the training cases',
+says what the cases themselves allow. ``--unseen`` and ``--pool`` are two different seeds' cases, e.g. the
 classification benchmark's pool and one more made by ``make-synthetic --seed 12``. Nothing is written to the model.
 
     python benchmarks/refit_cases.py --model RESULTS/Dataset601_X/TRAINER__PLANS__3d_fullres --data DATA/synthetic \
@@ -97,17 +99,19 @@ def main(argv=None) -> int:
     pool, pool_labels = test_records(predictor, args.pool)
 
     train_truth = [r for r in read_truth_features(args.data / "truth_features.csv") if r["split"] == "train"]
+    unseen_truth = [r for r in read_truth_features(args.unseen / "truth_features.csv") if r["split"] == "test"]
     pool_truth = [r for r in read_truth_features(args.pool / "truth_features.csv") if r["split"] == "test"]
     oracle = oracle_macro_f1(train_truth, pool_truth)
     labels, weights, passes = training.labels, training_weights, training.passes
     rows = [("training cases, as in training", len(labels), *scored(head, passes, labels, weights, pool, pool_labels),
-             ""),
+             oracle, ""),
             ("training cases, first pass", len(labels),
-             *scored(head, passes[:1], labels, weights, pool, pool_labels), "")]
+             *scored(head, passes[:1], labels, weights, pool, pool_labels), oracle, "")]
     num_classes = head.descriptor_linear.out_features
     unseen_weights = torch.tensor(class_weights(np.bincount(unseen_labels, minlength=num_classes).tolist()))
     rows.append(("unseen cases, all", len(unseen),
-                 *scored(head, [(1.0, unseen)], unseen_labels, unseen_weights, pool, pool_labels), ""))
+                 *scored(head, [(1.0, unseen)], unseen_labels, unseen_weights, pool, pool_labels),
+                 oracle_macro_f1(unseen_truth, pool_truth), ""))
     counts = np.bincount(labels, minlength=num_classes)
     rng = np.random.default_rng(args.seed)
     by_class = [np.flatnonzero(np.asarray(unseen_labels) == k) for k in range(num_classes)]
@@ -118,18 +122,21 @@ def main(argv=None) -> int:
     draws = []
     for _ in range(args.draws):
         chosen = np.concatenate([rng.choice(by_class[k], counts[k], replace=False) for k in range(num_classes)])
-        draws.append(scored(head, [(1.0, [unseen[i] for i in chosen])], [unseen_labels[i] for i in chosen], weights,
-                            pool, pool_labels))
-    f1s, confidences = np.array(draws).T
-    rows.append(("unseen cases, training counts", int(counts.sum()), f1s.mean(), confidences.mean(),
-                 f"mean of {args.draws} draws, F1 sd {f1s.std():.3f}"))
+        draws.append((*scored(head, [(1.0, [unseen[i] for i in chosen])], [unseen_labels[i] for i in chosen], weights,
+                              pool, pool_labels), oracle_macro_f1([unseen_truth[i] for i in chosen], pool_truth)))
+    f1s, confidences, oracles = np.array(draws).T
+    rows.append(("unseen cases, training counts", int(counts.sum()), f1s.mean(), confidences.mean(), oracles.mean(),
+                 f"mean of {args.draws} draws, F1 sd {f1s.std():.3f}, oracle sd {oracles.std():.3f}, "
+                 f"F1/oracle per draw {np.mean(f1s / oracles):.2f}"))
     mlp = torch.cat([r[2] for r in pool]).softmax(1).numpy()  # the learnt pooled features' part alone
     mlp_f1 = classification_metrics(np.asarray(pool_labels), mlp.argmax(1), [str(k) for k in range(num_classes)])
-    rows.append(("none: the MLP's logits alone", 0, mlp_f1["macro_f1"], float(mlp.max(1).mean()), ""))
-    print(f"{args.model} fold {args.fold}; scored on {len(pool)} cases of {args.pool}; oracle there {oracle:.3f}")
-    print(f"{'refit on':<34} {'cases':>5} {'pool F1':>8} {'/oracle':>7} {'conf':>5}")
-    for name, n, f1, confidence, *note in rows:
-        print(f"{name:<34} {n:>5} {f1:>8.3f} {f1 / oracle:>7.2f} {confidence:>5.2f}  {''.join(note)}".rstrip())
+    rows.append(("none: the MLP's logits alone", 0, mlp_f1["macro_f1"], float(mlp.max(1).mean()), oracle, ""))
+    print(f"{args.model} fold {args.fold}; scored on {len(pool)} cases of {args.pool}; oracle: the truth features' "
+          f"regression fitted on the same cases, scored there")
+    print(f"{'refit on':<34} {'cases':>5} {'pool F1':>8} {'oracle':>7} {'/oracle':>7} {'conf':>5}")
+    for name, n, f1, confidence, reference, *note in rows:
+        print(f"{name:<34} {n:>5} {f1:>8.3f} {reference:>7.3f} {f1 / reference:>7.2f} {confidence:>5.2f}  "
+              f"{''.join(note)}".rstrip())
     return 0
 
 
