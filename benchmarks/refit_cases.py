@@ -1,10 +1,9 @@
 """What the head's refit reaches when it is fitted on other cases than the model's own training cases.
 
 ``SegGuidedHead``'s descriptor branch is refitted after the last epoch (``MultitasknnUNetTrainer.refit_head``) on
-the fold's training cases, as the final network segments them. Those are the cases the network was trained on:
-it segments them better than unseen ones, so the branch is fitted on cleaner descriptors than it meets at
-inference, and on as many cases as the fold has. This separates the two: the product's own ``refit`` (the same
-regression, the same standardiser, the MLP's logits held fixed) fitted on
+the fold's training cases, as the final network segments them: cases the network was trained on, and as many
+as the fold has. This separates the two: the product's own ``refit`` (the same regression, the same
+standardiser, the MLP's logits held fixed) fitted on
 
 - the training cases, as in training (both of ``refit_passes``: the second with the guide removed);
 - the training cases, first pass only;

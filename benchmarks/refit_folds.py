@@ -4,9 +4,9 @@
     python benchmarks/refit_folds.py DATASET CONFIGURATION -tr TRAINER -p PLANS -f 0 1 2 3 4
 
 After the last epoch each fold refits its head's descriptor branch (``MultitasknnUNetTrainer.refit_head``) on its
-own training cases. The network segments those better than any case it meets at inference, so the branch learns
-from cleaner descriptors than it is later given, and from as few cases as the fold has (TechReport.md, "What the
-refit lacks"). Once every fold is trained, this refits the branch out of fold, like a stacked model:
+own training cases, which its network was trained on, and as few as the fold has (with the oracle fitted on the
+same cases beside it, unseen cases gained little in ratio: TechReport.md, "Which cases the refit is fitted
+on"). Once every fold is trained, this refits the branch out of fold, like a stacked model:
 
 1. every fold's network predicts its own validation cases as the refit predicts training cases
    (``refit_records``: predict's defaults, whole case, no mirroring) while its head records: one record per case,
